@@ -1,0 +1,184 @@
+"""The `waferseg` command line: one command per pipeline stage, each a thin call into the library."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import track
+from rich.table import Table
+
+from pipeline.params import DEFAULT_PARAMS, ParamsError, load_params, resolve_profile
+from pipeline.wafer import WaferError
+
+app = typer.Typer(help="Find defect patterns on semiconductor wafer maps.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console()
+log = logging.getLogger("waferseg")
+
+ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to read.")]
+ProfileOption = Annotated[Optional[str], typer.Option(
+    "--profile", help="cpu or gpu (default: params.yaml `profile`; auto = gpu when CUDA is present).")]
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)], force=True)
+
+
+def _params(path: Path, profile: str | None = None):
+    try:
+        return resolve_profile(load_params(path), profile)
+    except ParamsError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+
+
+def print_frame(frame, title: str) -> None:
+    table = Table(title=title)
+    table.add_column(frame.index.name or "")
+    for column in frame.columns:
+        table.add_column(str(column), justify="right")
+    for name, row in frame.iterrows():
+        table.add_row(str(name), *(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
+
+
+@app.command()
+def generate(
+    n: Annotated[Optional[int], typer.Option("--n", help="Wafers to generate (default: synth.n_wafers).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Dataset directory (default: dataset.dir).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: params seed).")] = None,
+    compare_real: Annotated[Optional[Path], typer.Option(
+        "--compare-real", help="Real wafer source to compare the generator against (table + plot).")] = None,
+    params_path: ParamsOption = DEFAULT_PARAMS,
+    profile: ProfileOption = None,
+) -> None:
+    """Generate a synthetic labelled dataset, print its statistics and write a preview."""
+    from pipeline import dataset, synth, viz
+
+    params = _params(params_path, profile)
+    seed = params.seed if seed is None else seed
+    n = params.synth.n_wafers if n is None else n
+    out = params.dataset.dir if out is None else out
+    wafers = track(synth.generate(params.synth, seed=seed, n=n), total=n, description="generating",
+                   console=console)
+    index = dataset.write_dataset(wafers, out, params.dataset, seed)
+    print_frame(dataset.dataset_stats(index).T, f"{out}: {len(index)} wafers")
+    preview = viz.preview_dataset(dataset.WaferDataset(out), params.preview)
+    console.print(f"preview: {preview}")
+    if compare_real is not None:
+        _compare(compare_real, out, params)
+
+
+def _compare(real_source: Path, dataset_dir: Path, params) -> None:
+    from pipeline import dataset, io, synth
+
+    real = io.read_wafers(real_source)
+    synthetic = list(dataset.WaferDataset(dataset_dir).wafers())
+    table = synth.compare_real(real, synthetic)
+    out_dir = params.preview.path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / "calibration.csv")
+    plot = synth.plot_comparison(real, synthetic, out_dir / "calibration.png")
+    print_frame(table, f"real ({len(real)} wafers, {real_source.name}) vs synthetic ({len(synthetic)})")
+    console.print(f"calibration: {out_dir / 'calibration.csv'}, {plot}")
+
+
+@app.command()
+def ingest(
+    source: Annotated[Path, typer.Argument(help="Labelled wafers: lot dir, tree of lots, die table or WM-811K.")],
+    out: Annotated[Path, typer.Option("--out", help="Dataset directory to write.")],
+    params_path: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Turn labelled wafers from any contract format into a sharded dataset."""
+    from pipeline import dataset, io
+
+    params = _params(params_path)
+    index = dataset.write_dataset(io.read_wafers(source), out, params.dataset, params.seed)
+    print_frame(dataset.dataset_stats(index).T, f"{out}: {len(index)} wafers")
+
+
+@app.command()
+def train(
+    dataset_dir: Annotated[Optional[Path], typer.Option("--dataset", help="Dataset dir (default: dataset.dir).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    params_path: ParamsOption = DEFAULT_PARAMS,
+    profile: ProfileOption = None,
+) -> None:
+    """Train FCN-8s, log the run to MLflow, register the model and apply the champion gate."""
+    from pipeline.train import train_and_register
+
+    params = _params(params_path, profile)
+    summary = train_and_register(params, dataset_dir or params.dataset.dir, resume=resume)
+    for key, value in summary.items():
+        console.print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Optional[str], typer.Option("--model", help="Model URI or checkpoint (default: infer.model_uri).")] = None,
+    dataset_dir: Annotated[Optional[Path], typer.Option("--dataset", help="Dataset dir (default: dataset.dir).")] = None,
+    split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "test",
+    out: Annotated[Path, typer.Option("--out", help="Where the metrics and plots go.")] = Path("reports/evaluate"),
+    params_path: ParamsOption = DEFAULT_PARAMS,
+    profile: ProfileOption = None,
+) -> None:
+    """Evaluate a model on a dataset split: metrics, confusion matrix and overlays."""
+    from pipeline.evaluate import evaluate_model_on
+
+    params = _params(params_path, profile)
+    metrics = evaluate_model_on(model or params.infer.model_uri, dataset_dir or params.dataset.dir, split, out, params)
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            console.print(f"{key}: {value:.4f}")
+
+
+@app.command()
+def infer(
+    source: Annotated[Path, typer.Argument(help="Lot dir, dir of lot dirs, die table (.csv/.parquet) or WM-811K file.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Report root (default: infer.out).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Model URI or checkpoint path (default: @champion).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Re-report lots already reported by this model version.")] = False,
+    params_path: ParamsOption = DEFAULT_PARAMS,
+    profile: ProfileOption = None,
+) -> None:
+    """Predict every wafer of SOURCE and write per-lot reports plus a cross-lot index."""
+    from pipeline.infer import infer as run_inference
+
+    params = _params(params_path, profile)
+    summary = run_inference(source, out or params.infer.out, params, model_uri=model, force=force)
+    console.print(f"model {summary.model_version}: read {summary.read} wafers: reported {summary.reported}, "
+                  f"quarantined {summary.quarantined}, skipped {summary.skipped} "
+                  f"({summary.lots_reported} lots reported, {summary.lots_skipped} already current)")
+    console.print(f"{summary.wafers_per_s:.1f} wafers/s end to end; dominant classes: {summary.class_mix}")
+    console.print(f"index: {(out or params.infer.out) / 'index.html'}")
+
+
+@app.command()
+def report(
+    out: Annotated[Optional[Path], typer.Argument(help="Report root written by `infer` (default: infer.out).")] = None,
+    params_path: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Rebuild the cross-lot index.html of a report root from its complete lot reports."""
+    from pipeline.report import write_index
+
+    params = _params(params_path)
+    console.print(f"index: {write_index(out or params.infer.out)}")
+
+
+def main() -> None:
+    try:
+        app()
+    except WaferError as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

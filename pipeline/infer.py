@@ -1,0 +1,199 @@
+"""Batch inference: every wafer of a source is predicted and reported per lot, or quarantined with its reason.
+
+Reading, compute and report writing overlap: a reader thread parses the source ahead, the model runs on
+batches that span many lots (bucketed by padded size), and a writer thread renders finished lots.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline import report
+from pipeline.io import Rejected, iter_source
+from pipeline.params import Params
+from pipeline.predict import predict_wafers
+from pipeline.registry import load_model
+from pipeline.train import select_device
+from pipeline.wafer import Wafer, WaferError, check_id
+
+log = logging.getLogger(__name__)
+
+UNASSIGNED_QUARANTINE = "quarantine.csv"  # inputs that belong to no usable lot, at the top of OUT
+_DONE = object()
+
+
+@dataclass
+class Lot:
+    lot_id: str
+    wafers: list[Wafer] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+    @property
+    def n_read(self) -> int:
+        return len(self.wafers) + len(self.rejected)
+
+
+@dataclass
+class InferSummary:
+    model_version: str
+    read: int = 0
+    reported: int = 0
+    quarantined: int = 0
+    skipped: int = 0  # wafers of lots already reported by this model version
+    lots_reported: int = 0
+    lots_skipped: int = 0
+    seconds: float = 0.0
+    class_mix: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def wafers_per_s(self) -> float:
+        return self.read / self.seconds if self.seconds else 0.0
+
+
+def _lot_of(item: Wafer | Rejected) -> str | None:
+    """The lot directory an item may go to, or None when its lot id is missing or unsafe."""
+    if item.lot_id is None:
+        return None
+    try:
+        return check_id(item.lot_id, "lot_id", getattr(item, "source", ""))
+    except WaferError:
+        return None
+
+
+def group_lots(items: Iterator[Wafer | Rejected], unassigned: list[Rejected]) -> Iterator[Lot]:
+    """Consecutive items of one lot become a Lot (sources yield lots together); lot-less rejects, and wafers
+    of a lot that shows up again after it was closed, go aside with the reason."""
+    current: Lot | None = None
+    closed: set[str] = set()
+    for item in items:
+        lot_id = _lot_of(item)
+        if lot_id is None or lot_id in closed:
+            reason = ("lot_id is missing or unusable as a directory name" if lot_id is None else
+                      f"lot {lot_id} reappears after its other wafers; the source must keep a lot's wafers together")
+            unassigned.append(Rejected(item.source, item.lot_id, item.wafer_id,
+                                       item.reason if isinstance(item, Rejected) else reason))
+            continue
+        if current is None or current.lot_id != lot_id:
+            if current is not None:
+                closed.add(current.lot_id)
+                yield current
+            current = Lot(lot_id)
+        (current.wafers if isinstance(item, Wafer) else current.rejected).append(item)
+    if current is not None:
+        yield current
+
+
+def read_ahead(iterator: Iterator, depth: int) -> Iterator:
+    """Run `iterator` in a thread, `depth` items ahead, so parsing overlaps compute."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+
+    def fill() -> None:
+        try:
+            for item in iterator:
+                buffer.put(item)
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            buffer.put(error)
+        buffer.put(_DONE)
+
+    threading.Thread(target=fill, daemon=True, name="waferseg-reader").start()
+    while (item := buffer.get()) is not _DONE:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def chunks_of_lots(lots: Iterator[Lot], min_wafers: int) -> Iterator[list[Lot]]:
+    """Whole lots gathered until they hold at least `min_wafers` wafers: batches then span lots."""
+    chunk: list[Lot] = []
+    for lot in lots:
+        chunk.append(lot)
+        if sum(len(lot.wafers) for lot in chunk) >= min_wafers:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write_unassigned(out: Path, rejected: list[Rejected]) -> None:
+    frame = pd.DataFrame([r.__dict__ for r in rejected], columns=["lot_id", "wafer_id", "source", "reason"])
+    staging = out / f".{UNASSIGNED_QUARANTINE}.tmp"
+    frame.to_csv(staging, index=False)
+    staging.replace(out / UNASSIGNED_QUARANTINE)
+
+
+def infer(source: Path, out: Path, params: Params, model_uri: str | None = None, force: bool = False) -> InferSummary:
+    """The `infer` stage: predict every lot of `source` with the model and write per-lot reports to `out`."""
+    started = time.perf_counter()
+    device = select_device(params.train.device)
+    amp, channels_last = params.infer.amp, params.infer.channels_last
+    model, version = load_model(model_uri or params.infer.model_uri, params.registry, device)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = InferSummary(version)
+    unassigned: list[Rejected] = []
+    pending: list[Future] = []
+
+    def lot_done(lot: Lot, reported: bool) -> None:
+        summary.read += lot.n_read
+        summary.quarantined += len(lot.rejected)
+        if reported:
+            summary.reported += len(lot.wafers)
+            summary.lots_reported += 1
+        else:
+            summary.skipped += len(lot.wafers)
+            summary.lots_skipped += 1
+
+    lots = group_lots(read_ahead(iter_source(source), params.infer.read_ahead_wafers), unassigned)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="waferseg-writer") as writer, Progress(
+        TextColumn("inferring"), BarColumn(), MofNCompleteColumn(), TextColumn("lots"), TimeElapsedColumn()
+    ) as progress:
+        task = progress.add_task("lots", total=None)
+        for chunk in chunks_of_lots(lots, params.infer.chunk_wafers):
+            todo = []
+            for lot in chunk:
+                if force or not report.lot_is_current(out, lot.lot_id, version):
+                    todo.append(lot)
+                else:
+                    lot_done(lot, reported=False)
+            wafers = [w for lot in todo for w in lot.wafers]
+            predictions = predict_wafers(model, wafers, params.infer.batch_wafers, device, amp, channels_last)
+            position = 0
+            for lot in todo:
+                masks = predictions[position : position + len(lot.wafers)]
+                position += len(lot.wafers)
+                pending.append(writer.submit(report.write_lot_report, lot.lot_id, lot.wafers, masks,
+                                             lot.rejected, out, version, params.infer, params.report))
+                lot_done(lot, reported=True)
+            for future in [f for f in pending if f.done()]:
+                future.result()  # a failed write stops the run rather than being lost
+                pending.remove(future)
+            progress.update(task, advance=len(chunk))
+        for future in pending:
+            future.result()
+    summary.read += len(unassigned)
+    summary.quarantined += len(unassigned)
+    _write_unassigned(out, unassigned)
+    report.write_index(out)
+    summary.seconds = time.perf_counter() - started
+    summary.class_mix = class_mix(out)
+    log.info("%d wafers read: %d reported, %d quarantined, %d skipped (already reported by %s) in %.1f s "
+             "(%.1f wafers/s)", summary.read, summary.reported, summary.quarantined, summary.skipped, version,
+             summary.seconds, summary.wafers_per_s)
+    return summary
+
+
+def class_mix(out: Path) -> dict[str, int]:
+    """Wafers per dominant class over every lot report under `out`."""
+    frames = [pd.read_csv(path, usecols=["dominant_class"]) for path in out.glob("*/wafers.csv")]
+    if not frames:
+        return {}
+    return pd.concat(frames)["dominant_class"].value_counts().sort_index().to_dict()

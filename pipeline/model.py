@@ -1,0 +1,190 @@
+"""FCN-8s (Long, Shelhamer & Darrell 2015) on a VGG16 encoder, for one-hot encoded wafer maps.
+
+Layout follows the paper and pytorch-fcn: VGG16 conv stages split at pool3 (/8), pool4 (/16) and
+pool5 (/32); fc6/fc7 as convolutions; score layers; learned upsampling initialised to bilinear.
+Two deliberate differences: inputs are padded to a multiple of 32 (with the off-wafer encoding)
+instead of conv1's padding=100, so every upsampling is an exact 2x/8x/16x/32x with no crop offsets;
+and no pretrained weights are ever downloaded (wafer maps are not ImageNet images).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.vgg import cfgs, make_layers
+
+from pipeline.params import ModelParams
+from pipeline.wafer import NUM_CLASSES
+
+log = logging.getLogger(__name__)
+
+Arch = Literal["fcn8s", "fcn16s", "fcn32s"]
+MAP_CHANNELS = 3  # one-hot of off-wafer, pass, fail
+STRIDE = 32  # total downsampling of the encoder; inputs are padded to a multiple of it
+FC_CHANNELS = 4096
+
+
+def encode_maps(maps: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) die grids in {0 off-wafer, 1 pass, 2 fail} -> float one-hot (N, 3, H, W)."""
+    return F.one_hot(maps.long(), MAP_CHANNELS).permute(0, 3, 1, 2).float()
+
+
+def pad_to_stride(x: torch.Tensor, stride: int = STRIDE) -> torch.Tensor:
+    """Pad an encoded batch at the bottom/right to a multiple of `stride` with off-wafer cells."""
+    height, width = x.shape[-2:]
+    pad = (0, -width % stride, 0, -height % stride)
+    if not any(pad):
+        return x
+    off_wafer = F.pad(x[:, :1], pad, value=1.0)
+    rest = F.pad(x[:, 1:], pad, value=0.0)
+    return torch.cat([off_wafer, rest], dim=1)
+
+
+def bilinear_kernel(channels: int, size: int) -> torch.Tensor:
+    """Per-channel (diagonal) bilinear upsampling weight for ConvTranspose2d, as in pytorch-fcn."""
+    factor = (size + 1) // 2
+    centre = factor - 1 if size % 2 == 1 else factor - 0.5
+    taps = 1 - (torch.arange(size, dtype=torch.float64) - centre).abs() / factor
+    weight = torch.zeros(channels, channels, size, size, dtype=torch.float64)
+    weight[range(channels), range(channels)] = taps[:, None] * taps[None, :]
+    return weight.float()
+
+
+def upsample(channels: int, factor: int) -> nn.ConvTranspose2d:
+    """Learned `factor`x upsampling; kernel 2f, padding f/2 gives exactly f*H with no crop."""
+    layer = nn.ConvTranspose2d(channels, channels, 2 * factor, stride=factor, padding=factor // 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(bilinear_kernel(channels, 2 * factor))
+    return layer
+
+
+def vgg16_stages(width: float) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
+    """VGG16 (cfg 'D') conv layers with channels scaled by `width`, split after pool3/pool4/pool5.
+
+    Built with torchvision's make_layers, exactly as vgg16() builds `features`; calling vgg16()
+    itself would also allocate its 120M-parameter classifier only to throw it away.
+    """
+    cfg = [v if v == "M" else max(1, round(v * width)) for v in cfgs["D"]]
+    layers = list(make_layers(cfg, batch_norm=False))
+    pools = [i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
+    to_pool3, to_pool4, to_pool5 = pools[2] + 1, pools[3] + 1, pools[4] + 1
+    return (
+        nn.Sequential(*layers[:to_pool3]),
+        nn.Sequential(*layers[to_pool3:to_pool4]),
+        nn.Sequential(*layers[to_pool4:to_pool5]),
+    )
+
+
+def out_channels(stage: nn.Sequential) -> int:
+    return [m for m in stage if isinstance(m, nn.Conv2d)][-1].out_channels
+
+
+class FCN(nn.Module):
+    """FCN-8s/16s/32s. Input: encoded maps (N, 3, H, W) of any size; output: logits (N, 5, H, W)."""
+
+    def __init__(self, arch: Arch = "fcn8s", width: float = 1.0, dropout: float = 0.5):
+        super().__init__()
+        if arch not in ("fcn8s", "fcn16s", "fcn32s"):
+            raise ValueError(f"unknown arch {arch!r}; expected fcn8s, fcn16s or fcn32s")
+        if width <= 0:
+            raise ValueError(f"width must be > 0, got {width}")
+        self.arch = arch
+        self.to_pool3, self.to_pool4, self.to_pool5 = vgg16_stages(width)
+        fc = max(1, round(FC_CHANNELS * width))
+        self.fc = nn.Sequential(
+            nn.Conv2d(out_channels(self.to_pool5), fc, 7, padding=3),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout),
+            nn.Conv2d(fc, fc, 1),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout),
+        )
+        self.score_fr = nn.Conv2d(fc, NUM_CLASSES, 1)
+        self._init_like_vgg()
+
+        if arch == "fcn32s":
+            self.upscore = upsample(NUM_CLASSES, 32)
+            return
+        self.score_pool4 = zero_conv(out_channels(self.to_pool4))
+        self.upscore2 = upsample(NUM_CLASSES, 2)
+        if arch == "fcn16s":
+            self.upscore = upsample(NUM_CLASSES, 16)
+            return
+        self.score_pool3 = zero_conv(out_channels(self.to_pool3))
+        self.upscore_pool4 = upsample(NUM_CLASSES, 2)
+        self.upscore = upsample(NUM_CLASSES, 8)
+
+    def _init_like_vgg(self) -> None:
+        """torchvision's VGG init for the conv layers; the classifier (score_fr) small, like VGG's Linear."""
+        for module in [*self.to_pool3, *self.to_pool4, *self.to_pool5, *self.fc]:
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.score_fr.weight, 0.0, 0.01)
+        nn.init.zeros_(self.score_fr.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        pool3 = self.to_pool3(pad_to_stride(x))
+        pool4 = self.to_pool4(pool3)
+        score = self.score_fr(self.fc(self.to_pool5(pool4)))  # /32
+        if self.arch != "fcn32s":
+            score = self.upscore2(score) + self.score_pool4(pool4)  # /16
+        if self.arch == "fcn8s":
+            score = self.upscore_pool4(score) + self.score_pool3(pool3)  # /8
+        return self.upscore(score)[..., :height, :width]
+
+
+def zero_conv(channels: int) -> nn.Conv2d:
+    """A skip's 1x1 score layer, zero at init so the finer net starts as the coarser one (paper, 4.2)."""
+    layer = nn.Conv2d(channels, NUM_CLASSES, 1)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def build_model(params: ModelParams) -> FCN:
+    model = FCN(params.arch, params.width, params.dropout)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("built %s width=%g: %.1fM parameters", params.arch, params.width, n_params / 1e6)
+    return model
+
+
+# --- precision: the one rule train and infer share (benchmarks/bf16_training.md has the evidence) ---
+
+
+def cpu_has_native_bf16() -> bool:
+    """oneDNN has bf16 kernels here (AVX512-BF16 / AMX); without them bf16 runs ATen's slow fallbacks."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_allowed(device: torch.device | str, training: bool) -> bool:
+    """bf16 autocast only where it is fast and known safe.
+
+    CUDA: always (bf16-capable GPUs). CPU inference: only with native bf16 kernels; on AVX2 it is
+    ~4x slower than fp32. CPU training: never; full-width bf16-autocast training aborted with heap
+    corruption (`free(): invalid next size`) on an AMX host, and fp32 is the path that cannot crash.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and not training and cpu_has_native_bf16()
+
+
+def autocast_context(device: torch.device | str, training: bool, enabled: bool = True) -> torch.autocast:
+    """bf16 autocast where `bf16_allowed`, else a disabled autocast (plain fp32)."""
+    device = torch.device(device)
+    use_bf16 = enabled and bf16_allowed(device, training)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def memory_format(device: torch.device | str, training: bool, enabled: bool = True) -> torch.memory_format:
+    """channels_last together with CPU bf16 (oneDNN's bf16 kernels want NHWC); contiguous otherwise."""
+    device = torch.device(device)
+    if device.type == "cpu" and enabled and bf16_allowed(device, training):
+        return torch.channels_last
+    return torch.contiguous_format

@@ -1,0 +1,99 @@
+"""Running a model over wafers: batches bucketed by padded size, padding, and argmax predictions.
+
+Training (validation), evaluation and batch inference all go through these functions.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from pipeline.model import STRIDE, autocast_context, encode_maps
+from pipeline.wafer import FAIL, OFF_WAFER, Wafer
+
+IGNORE_INDEX = 255
+
+
+def padded_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    return (-(-shape[0] // STRIDE) * STRIDE, -(-shape[1] // STRIDE) * STRIDE)
+
+
+def bucket_batches(
+    shapes: Sequence[tuple[int, int]], batch_wafers: int, rng: np.random.Generator | None = None
+) -> list[np.ndarray]:
+    """Positions grouped into batches whose wafers pad to the same size, so no die is padded twice.
+
+    With `rng`, wafers are shuffled within buckets and batches shuffled across them.
+    """
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for position, shape in enumerate(shapes):
+        buckets[padded_shape(shape)].append(position)
+    batches = []
+    for key in sorted(buckets):
+        positions = np.asarray(buckets[key])
+        if rng is not None:
+            positions = rng.permutation(positions)
+        batches += [positions[i : i + batch_wafers] for i in range(0, len(positions), batch_wafers)]
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def stack_padded(grids: Sequence[np.ndarray], fill: int) -> np.ndarray:
+    """(N, H, W) array of grids padded at the bottom/right to their common padded size."""
+    height, width = padded_shape((max(g.shape[0] for g in grids), max(g.shape[1] for g in grids)))
+    out = np.full((len(grids), height, width), fill, dtype=np.uint8)
+    for i, grid in enumerate(grids):
+        out[i, : grid.shape[0], : grid.shape[1]] = grid
+    return out
+
+
+def training_batch(wafers: Sequence[Wafer]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded maps (N, H, W) uint8 and targets (N, H, W) int64 with off-wafer dies ignored."""
+    maps = stack_padded([w.map for w in wafers], OFF_WAFER)
+    targets = stack_padded([w.mask for w in wafers], IGNORE_INDEX).astype(np.int64)
+    targets[maps == OFF_WAFER] = IGNORE_INDEX
+    return torch.from_numpy(maps), torch.from_numpy(targets)
+
+
+def model_input(maps: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = encode_maps(maps.to(device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.inference_mode()
+def predict_maps(
+    model: torch.nn.Module,
+    maps: torch.Tensor,
+    device: torch.device,
+    amp: bool,
+    channels_last: bool,
+) -> torch.Tensor:
+    """Class per die for a padded batch; a die that passes is background by definition."""
+    with autocast_context(device, training=False, enabled=amp):
+        logits = model(model_input(maps, device, channels_last))
+    prediction = logits.argmax(dim=1).to(torch.uint8)
+    return prediction.masked_fill_(maps.to(device) != FAIL, 0)
+
+
+def predict_wafers(
+    model: torch.nn.Module,
+    wafers: Sequence[Wafer],
+    batch_wafers: int,
+    device: torch.device,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> list[np.ndarray]:
+    """Predicted uint8 masks, in the order of `wafers`, each cropped to its wafer's shape."""
+    model.eval()
+    predictions: list[np.ndarray | None] = [None] * len(wafers)
+    for batch in bucket_batches([w.shape for w in wafers], batch_wafers):
+        maps = torch.from_numpy(stack_padded([wafers[i].map for i in batch], OFF_WAFER))
+        predicted = predict_maps(model, maps, device, amp, channels_last).cpu().numpy()
+        for row, position in enumerate(batch):
+            height, width = wafers[position].shape
+            predictions[position] = predicted[row, :height, :width].copy()
+    return predictions  # type: ignore[return-value]

@@ -1,0 +1,498 @@
+"""Per-lot reports and the cross-lot index: masks, wafer tables, a lot summary and a self-contained page.
+
+Layout of one lot's report, `OUT/<lot_id>/` (CONTRACT.md, "Report outputs"):
+    masks/<wafer_id>.npy  predicted mask, uint8, the map's shape, off-wafer dies 0
+    wafers.csv/.parquet   one row per wafer: WAFER_COLUMNS
+    summary.csv           one row per defect class: SUMMARY_COLUMNS
+    quarantine.csv        one row per input that could not be processed: QUARANTINE_COLUMNS
+    report.html           self-contained page (images inlined as base64 PNG, inline CSS and JS)
+    manifest.json         written last: model version, counts, file list; it marks the report complete
+
+A lot is built in `OUT/.tmp-<lot_id>-xxxx/` and renamed into place, so `OUT/<lot_id>/` is either the
+old complete report or the new complete one. A process killed mid-write can leave a dot-prefixed temp
+directory behind; nothing here mistakes it for a report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from skimage.measure import label, regionprops  # noqa: E402
+
+from pipeline import viz  # noqa: E402
+from pipeline.evaluate import dominant_class  # noqa: E402
+from pipeline.io import Rejected  # noqa: E402
+from pipeline.params import InferParams, ReportParams  # noqa: E402
+from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, DIE_COLUMNS, OFF_WAFER, Wafer, check_id, wafer_summary  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+REPORT_FILE = "report.html"
+INDEX_FILE = "index.html"
+MASK_DIR = "masks"
+MANIFEST_SCHEMA = 1
+NO_PATTERN = "none"
+
+DEFECT_NAMES = [CLASS_NAMES[c] for c in DEFECT_CLASSES]
+SHAPE_COLUMNS = [f"{stat}_{name}" for name in DEFECT_NAMES for stat in ("regions", "largest")]
+WAFER_COLUMNS = ["lot_id", "wafer_id", "rows", "cols", "n_dies", "n_fail", *DIE_COLUMNS, "dominant_class",
+                 *SHAPE_COLUMNS, "model_version"]
+SUMMARY_COLUMNS = ["lot_id", "class", "wafers_with_pattern", "total_dies", "mean_dies_per_affected_wafer"]
+QUARANTINE_COLUMNS = ["lot_id", "wafer_id", "source", "reason"]
+
+BAR_CHART_INCHES = (5.0, 2.2)
+BAR_CHART_DPI = 100
+# mkdtemp/mkstemp create owner-only entries; published reports get the usual permissions.
+DIR_MODE, FILE_MODE = 0o755, 0o644
+
+
+@dataclass(frozen=True)
+class LotCounts:
+    """Wafers read = wafers reported + inputs quarantined, by construction."""
+
+    reported: int
+    quarantined: int
+
+    @property
+    def read(self) -> int:
+        return self.reported + self.quarantined
+
+    def as_dict(self) -> dict[str, int]:
+        return {"read": self.read, "reported": self.reported, "quarantined": self.quarantined}
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+
+def clean_mask(prediction: np.ndarray, wafer: Wafer) -> np.ndarray:
+    """The stored mask: uint8, the map's shape, class ids 0..4, off-wafer dies forced to 0."""
+    prediction = np.asarray(prediction)
+    if prediction.shape != wafer.shape:
+        raise ValueError(f"wafer {wafer.lot_id}/{wafer.wafer_id}: prediction shape {prediction.shape} "
+                         f"differs from map shape {wafer.shape}")
+    if not np.issubdtype(prediction.dtype, np.integer):
+        raise ValueError(f"wafer {wafer.lot_id}/{wafer.wafer_id}: prediction has dtype {prediction.dtype}; "
+                         "integer class ids are required")
+    if prediction.size and (prediction.min() < 0 or prediction.max() >= len(CLASS_NAMES)):
+        raise ValueError(f"wafer {wafer.lot_id}/{wafer.wafer_id}: prediction holds class ids outside "
+                         f"0..{len(CLASS_NAMES) - 1}")
+    return np.where(wafer.map != OFF_WAFER, prediction, 0).astype(np.uint8)
+
+
+def region_stats(mask: np.ndarray, wafer_map: np.ndarray) -> dict[str, int]:
+    """Per defect class: `regions_<class>`, its 8-connected regions, and `largest_<class>`, the
+    largest region's die count (0 when the class is absent)."""
+    stats: dict[str, int] = {}
+    for class_id in DEFECT_CLASSES:
+        name = CLASS_NAMES[class_id]
+        regions = regionprops(label((mask == class_id) & (wafer_map != OFF_WAFER), connectivity=2))
+        stats[f"regions_{name}"] = len(regions)
+        stats[f"largest_{name}"] = max((int(region.area) for region in regions), default=0)
+    return stats
+
+
+def wafer_row(wafer: Wafer, mask: np.ndarray, model_version: str, min_pattern_dies: int) -> dict:
+    row = wafer_summary(wafer, mask)
+    row["dominant_class"] = dominant_class(mask, wafer.map, min_pattern_dies)
+    row.update(region_stats(mask, wafer.map))
+    row["model_version"] = model_version
+    return row
+
+
+def wafer_table(wafers: Sequence[Wafer], masks: Sequence[np.ndarray], model_version: str,
+                min_pattern_dies: int) -> pd.DataFrame:
+    rows = [wafer_row(w, m, model_version, min_pattern_dies) for w, m in zip(wafers, masks)]
+    table = pd.DataFrame(rows, columns=WAFER_COLUMNS)
+    integer_columns = [c for c in WAFER_COLUMNS if c not in ("lot_id", "wafer_id", "dominant_class", "model_version")]
+    return table.astype({column: "int64" for column in integer_columns})
+
+
+def summary_table(lot_id: str, wafers: pd.DataFrame, min_pattern_dies: int) -> pd.DataFrame:
+    """One row per defect class. A wafer has a class's pattern when its mask holds at least
+    `min_pattern_dies` dies of that class (the dominant-class threshold, applied to each class on
+    its own, so a wafer with two patterns counts under both). `total_dies` sums the class's dies over
+    every reported wafer; `mean_dies_per_affected_wafer` averages them over the affected wafers only
+    (empty/NaN when none is affected)."""
+    rows = []
+    for name in DEFECT_NAMES:
+        dies = wafers[f"dies_{name}"].to_numpy(dtype=np.int64)
+        affected = dies[dies >= min_pattern_dies]
+        rows.append({"lot_id": lot_id, "class": name, "wafers_with_pattern": int(affected.size),
+                     "total_dies": int(dies.sum()),
+                     "mean_dies_per_affected_wafer": float(affected.mean()) if affected.size else float("nan")})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def quarantine_table(lot_id: str, quarantined: Sequence[Rejected]) -> pd.DataFrame:
+    rows = [{"lot_id": record.lot_id or lot_id, "wafer_id": record.wafer_id or "", "source": record.source,
+             "reason": record.reason} for record in quarantined]
+    return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS, dtype=object)
+
+
+# --- images and HTML -------------------------------------------------------------------------
+
+
+def png_data_uri(rgb: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    plt.imsave(buffer, rgb, format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def figure_data_uri(figure: plt.Figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=BAR_CHART_DPI)
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def pattern_bar_chart(summary: pd.DataFrame) -> str:
+    """Wafers with each pattern, one bar per defect class in its report colour, as a data URI."""
+    figure, axis = plt.subplots(figsize=BAR_CHART_INCHES)
+    counts = summary["wafers_with_pattern"].to_numpy()
+    colours = [viz.CLASS_COLOURS[c] for c in DEFECT_CLASSES]
+    bars = axis.bar(summary["class"], counts, color=colours)
+    axis.bar_label(bars, fontsize=8)
+    axis.set_ylabel("wafers with pattern", fontsize=8)
+    axis.set_ylim(0, max(1, int(counts.max(initial=0))) * 1.2)
+    axis.tick_params(labelsize=8)
+    axis.spines[["top", "right"]].set_visible(False)
+    figure.tight_layout()
+    return figure_data_uri(figure)
+
+
+def wafer_image(wafer: Wafer, mask: np.ndarray, report: ReportParams) -> str:
+    rgb = viz.upscale_dies(viz.colour_dies(wafer.map, mask), report.die_px, report.gap_px)
+    return png_data_uri(rgb)
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5rem;color:#222}
+h1{margin-bottom:.2rem}h2{margin-top:2rem;border-bottom:1px solid #ddd}
+dl.meta{display:grid;grid-template-columns:max-content auto;gap:.2rem 1rem}dl.meta dt{font-weight:600}
+table{border-collapse:collapse;font-size:.85rem}th,td{border:1px solid #ddd;padding:.25rem .5rem;text-align:right}
+th{background:#f3f4f6;cursor:pointer;user-select:none}td.text,th.text{text-align:left}
+th[aria-sort=ascending]::after{content:" \\25B2"}th[aria-sort=descending]::after{content:" \\25BC"}
+.legend span{display:inline-block;margin-right:1rem}
+.legend i{display:inline-block;width:.9rem;height:.9rem;border:1px solid #999;vertical-align:middle;margin-right:.3rem}
+.gallery{display:flex;flex-wrap:wrap;gap:1rem}
+figure.wafer{margin:0;padding:.5rem;border:1px solid #ddd;border-radius:4px}
+figure.wafer img{image-rendering:pixelated;display:block;max-width:320px;height:auto}
+figcaption{font-size:.8rem;margin-top:.3rem}.scroll{overflow-x:auto;max-width:100%}
+"""
+
+SORT_SCRIPT = """
+(function () {
+  function key(row, index) {
+    var cell = row.cells[index];
+    return cell.hasAttribute("data-sort") ? cell.getAttribute("data-sort") : cell.textContent.trim();
+  }
+  function wire(table) {
+    var headers = table.tHead.rows[0].cells;
+    Array.prototype.forEach.call(headers, function (header, index) {
+      header.addEventListener("click", function () {
+        var ascending = header.getAttribute("aria-sort") !== "ascending";
+        var numeric = header.getAttribute("data-type") === "number";
+        var body = table.tBodies[0];
+        var rows = Array.prototype.slice.call(body.rows);
+        rows.sort(function (a, b) {
+          var x = key(a, index), y = key(b, index);
+          var order = numeric ? Number(x) - Number(y) : x.localeCompare(y, undefined, {numeric: true});
+          return ascending ? order : -order;
+        });
+        Array.prototype.forEach.call(headers, function (other) { other.removeAttribute("aria-sort"); });
+        header.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+        rows.forEach(function (row) { body.appendChild(row); });
+      });
+    });
+  }
+  Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), wire);
+  document.body.dataset.ready = "1";
+})();
+"""
+
+
+def html_page(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+            f"<style>{STYLE}</style></head>\n<body>\n{body}\n<script>{SORT_SCRIPT}</script>\n</body></html>\n")
+
+
+def html_table(frame: pd.DataFrame, text_columns: Sequence[str], sortable: bool = True,
+               links: dict[str, str] | None = None) -> str:
+    """A table; numeric columns sort numerically. `links` maps a column to a URL template whose
+    `{value}` is the cell, URL-quoted."""
+    links = links or {}
+    head = "".join(
+        f'<th class="text" data-type="text" data-key="{_e(c)}">{_e(c)}</th>' if c in text_columns
+        else f'<th data-type="number" data-key="{_e(c)}">{_e(c)}</th>' for c in frame.columns)
+    body = []
+    for record in frame.to_dict("records"):
+        cells = []
+        for column in frame.columns:
+            value = record[column]
+            shown = "" if pd.isna(value) else (f"{value:.1f}" if isinstance(value, float) else str(value))
+            if column in links:
+                shown = f'<a href="{_e(links[column].format(value=quote(str(value))))}">{_e(shown)}</a>'
+            else:
+                shown = _e(shown)
+            css = ' class="text"' if column in text_columns else ""
+            sort_key = "" if pd.isna(value) else value
+            cells.append(f'<td{css} data-sort="{_e(sort_key)}">{shown}</td>')
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    css = ' class="sortable"' if sortable else ""
+    return f"<table{css}><thead><tr>{head}</tr></thead><tbody>\n{chr(10).join(body)}\n</tbody></table>"
+
+
+def pattern_counts(summary: pd.DataFrame, wafers: pd.DataFrame) -> pd.DataFrame:
+    """The page's pattern table: summary.csv's figures plus how many wafers each class dominates,
+    and a `none` row for the wafers without any pattern."""
+    dominant = wafers["dominant_class"].value_counts()
+    rows = [{"class": r["class"], "wafers_with_pattern": r["wafers_with_pattern"],
+             "wafers_dominant": int(dominant.get(r["class"], 0)), "total_dies": r["total_dies"],
+             "mean_dies_per_affected_wafer": r["mean_dies_per_affected_wafer"]} for r in summary.to_dict("records")]
+    none = int(dominant.get(NO_PATTERN, 0))
+    rows.append({"class": NO_PATTERN, "wafers_with_pattern": none, "wafers_dominant": none, "total_dies": None,
+                 "mean_dies_per_affected_wafer": None})
+    return pd.DataFrame(rows, dtype=object)
+
+
+def legend_html() -> str:
+    items = [(viz.PASS_COLOUR, "pass"), (viz.FAIL_COLOUR, "fail (background)")]
+    items += [(viz.CLASS_COLOURS[c], CLASS_NAMES[c]) for c in DEFECT_CLASSES]
+    spans = "".join(f'<span><i style="background:{colour}"></i>{_e(name)}</span>' for colour, name in items)
+    return f'<p class="legend">{spans}</p>'
+
+
+def wafer_figure(wafer: Wafer, mask: np.ndarray, row: dict, report: ReportParams) -> str:
+    present = [f"{name} {row[f'dies_{name}']}" for name in DEFECT_NAMES if row[f"dies_{name}"]]
+    caption = (f"<b>{_e(wafer.wafer_id)}</b> &middot; {_e(row['dominant_class'])}<br>"
+               f"{wafer.shape[0]}&times;{wafer.shape[1]}, {row['n_dies']} dies, {row['n_fail']} fail<br>"
+               f"{_e(', '.join(present) or 'no pattern dies')}")
+    return (f'<figure class="wafer" data-wafer-id="{_e(wafer.wafer_id)}" data-dominant="{_e(row["dominant_class"])}">'
+            f'<img alt="wafer {_e(wafer.wafer_id)}" src="{wafer_image(wafer, mask, report)}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def lot_page(lot_id: str, wafers: Sequence[Wafer], masks: Sequence[np.ndarray], table: pd.DataFrame,
+             summary: pd.DataFrame, quarantine: pd.DataFrame, model_version: str, generated_at: str,
+             counts: LotCounts, infer: InferParams, report: ReportParams) -> str:
+    wafer_columns = ["wafer_id", "dominant_class", "rows", "cols", "n_dies", "n_fail", *DIE_COLUMNS[1:],
+                     *SHAPE_COLUMNS]
+    figures = "\n".join(wafer_figure(w, m, r, report)
+                        for w, m, r in zip(wafers, masks, table.to_dict("records")))
+    quarantine_section = (html_table(quarantine, QUARANTINE_COLUMNS) if len(quarantine)
+                          else "<p>No input was quarantined.</p>")
+    body = f"""
+<h1>Lot {_e(lot_id)}</h1>
+<dl class="meta">
+<dt>Wafers read</dt><dd id="wafers-read">{counts.read}</dd>
+<dt>Wafers reported</dt><dd id="wafers-reported">{counts.reported}</dd>
+<dt>Quarantined</dt><dd id="wafers-quarantined">{counts.quarantined}</dd>
+<dt>Model version</dt><dd>{_e(model_version)}</dd>
+<dt>Generated</dt><dd>{_e(generated_at)}</dd>
+</dl>
+<h2>Patterns</h2>
+<p>A wafer has a pattern when its predicted mask holds at least {infer.min_pattern_dies} dies of that class;
+its dominant class is the pattern with the most dies.</p>
+{html_table(pattern_counts(summary, table), ["class"])}
+<p><img alt="wafers with each pattern" src="{pattern_bar_chart(summary)}"></p>
+<h2>Wafers</h2>
+<p>Click a column header to sort.</p>
+<div class="scroll">{html_table(table[wafer_columns], ["wafer_id", "dominant_class"])}</div>
+<h2>Wafer maps</h2>
+{legend_html()}
+<div class="gallery">
+{figures}
+</div>
+<h2>Quarantined inputs</h2>
+{quarantine_section}
+"""
+    return html_page(f"waferseg lot {lot_id}", body)
+
+
+# --- writing a lot atomically ----------------------------------------------------------------
+
+
+def _check_inputs(lot_id: str, wafers: Sequence[Wafer], predictions: Sequence[np.ndarray],
+                  quarantined: Sequence[Rejected]) -> None:
+    if len(wafers) != len(predictions):
+        raise ValueError(f"lot {lot_id}: {len(wafers)} wafers but {len(predictions)} predictions")
+    ids = [w.wafer_id for w in wafers]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"lot {lot_id}: duplicate wafer ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    foreign = sorted({w.lot_id for w in wafers} - {lot_id})
+    if foreign:
+        raise ValueError(f"lot {lot_id}: wafers of other lots {foreign}")
+    both = sorted({r.wafer_id for r in quarantined if r.lot_id in (None, lot_id)} & set(ids))
+    if both:
+        raise ValueError(f"lot {lot_id}: wafers {both} are both reported and quarantined")
+
+
+def _build_lot(directory: Path, lot_id: str, wafers: Sequence[Wafer], masks: Sequence[np.ndarray],
+               quarantined: Sequence[Rejected], model_version: str, infer: InferParams,
+               report: ReportParams) -> None:
+    (directory / MASK_DIR).mkdir()
+    for wafer, mask in zip(wafers, masks):
+        np.save(directory / MASK_DIR / f"{wafer.wafer_id}.npy", mask)
+    table = wafer_table(wafers, masks, model_version, infer.min_pattern_dies)
+    summary = summary_table(lot_id, table, infer.min_pattern_dies)
+    quarantine = quarantine_table(lot_id, quarantined)
+    table.to_csv(directory / "wafers.csv", index=False)
+    table.to_parquet(directory / "wafers.parquet", index=False)
+    summary.to_csv(directory / "summary.csv", index=False)
+    quarantine.to_csv(directory / "quarantine.csv", index=False)
+    counts = LotCounts(reported=len(wafers), quarantined=len(quarantined))
+    generated_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    page = lot_page(lot_id, wafers, masks, table, summary, quarantine, model_version, generated_at,
+                    counts, infer, report)
+    (directory / REPORT_FILE).write_text(page, encoding="utf-8")
+    write_manifest(directory, lot_id, model_version, generated_at, counts)
+
+
+def write_manifest(directory: Path, lot_id: str, model_version: str, generated_at: str,
+                   counts: LotCounts) -> None:
+    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    manifest = {"schema": MANIFEST_SCHEMA, "lot_id": lot_id, "model_version": model_version,
+                "generated_at": generated_at, "counts": counts.as_dict(), "files": files}
+    path = directory / MANIFEST_FILE
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _move_into_place(built: Path, target: Path) -> None:
+    """Rename `built` to `target`; an existing target is renamed aside first and deleted after, and
+    put back if the move fails."""
+    if not target.exists():
+        os.rename(built, target)
+        return
+    aside = target.parent / f".old-{target.name}-{secrets.token_hex(4)}"
+    os.rename(target, aside)
+    try:
+        os.rename(built, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def write_lot_report(lot_id: str, wafers: list[Wafer], predictions: list[np.ndarray],
+                     quarantined: list[Rejected], out_root: Path, model_version: str,
+                     infer: InferParams, report: ReportParams) -> Path:
+    """Write `out_root/<lot_id>/` atomically and return it; an existing report of the lot is replaced."""
+    lot_id = check_id(lot_id, "lot_id", out_root, lot_id)
+    _check_inputs(lot_id, wafers, predictions, quarantined)
+    masks = [clean_mask(p, w) for p, w in zip(predictions, wafers)]
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    building = Path(tempfile.mkdtemp(prefix=f".tmp-{lot_id}-", dir=out_root))
+    try:
+        os.chmod(building, DIR_MODE)
+        _build_lot(building, lot_id, wafers, masks, quarantined, model_version, infer, report)
+        _move_into_place(building, out_root / lot_id)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    log.info("lot %s: %d wafers reported, %d quarantined -> %s", lot_id, len(wafers), len(quarantined),
+             out_root / lot_id)
+    return out_root / lot_id
+
+
+# --- reading reports back --------------------------------------------------------------------
+
+
+def read_manifest(lot_dir: Path) -> dict | None:
+    """The manifest of a complete report, or None when it is missing, unreadable or names a file
+    that is not there."""
+    try:
+        manifest = json.loads((lot_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        return None
+    if not all((lot_dir / name).is_file() for name in manifest["files"]):
+        return None
+    return manifest
+
+
+def lot_is_current(out_root: Path, lot_id: str, model_version: str) -> bool:
+    """True when `out_root/<lot_id>/` is a complete report written by `model_version`."""
+    manifest = read_manifest(Path(out_root) / lot_id)
+    return manifest is not None and manifest.get("model_version") == model_version
+
+
+def complete_lots(out_root: Path) -> list[tuple[Path, dict]]:
+    """(lot directory, manifest) for every complete report under out_root, by lot id."""
+    out_root = Path(out_root)
+    if not out_root.is_dir():
+        return []
+    lots = []
+    for lot_dir in sorted(out_root.iterdir()):
+        if lot_dir.is_dir() and not lot_dir.name.startswith("."):
+            manifest = read_manifest(lot_dir)
+            if manifest is not None:
+                lots.append((lot_dir, manifest))
+    return lots
+
+
+def index_row(lot_dir: Path, manifest: dict) -> dict:
+    counts = manifest.get("counts", {})
+    row = {"lot_id": lot_dir.name, "wafers_read": counts.get("read"), "wafers_reported": counts.get("reported"),
+           "quarantined": counts.get("quarantined")}
+    summary = pd.read_csv(lot_dir / "summary.csv")
+    patterns = dict(zip(summary["class"], summary["wafers_with_pattern"]))
+    row.update({name: int(patterns.get(name, 0)) for name in DEFECT_NAMES})
+    row.update({"model_version": manifest.get("model_version", ""), "generated_at": manifest.get("generated_at", "")})
+    return row
+
+
+def write_index(out_root: Path) -> Path:
+    """Write `out_root/index.html` (atomically) listing every complete lot with its counts and pattern
+    counts (wafers with each pattern), linking to each lot's report."""
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    rows = [index_row(lot_dir, manifest) for lot_dir, manifest in complete_lots(out_root)]
+    columns = ["lot_id", "wafers_read", "wafers_reported", "quarantined", *DEFECT_NAMES, "model_version",
+               "generated_at"]
+    table = pd.DataFrame(rows, columns=columns)
+    body = (f"<h1>waferseg lot reports</h1><p>{len(table)} lots, {int(table['wafers_reported'].sum())} wafers "
+            f"reported, {int(table['quarantined'].sum())} quarantined. Pattern columns count the wafers "
+            f"with each pattern. Click a column header to sort.</p>"
+            + html_table(table, ["lot_id", "model_version", "generated_at"],
+                         links={"lot_id": "{value}/" + REPORT_FILE}))
+    target = out_root / INDEX_FILE
+    handle, temp_name = tempfile.mkstemp(prefix=".tmp-index-", suffix=".html", dir=out_root)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(html_page("waferseg lot reports", body))
+        os.chmod(temp_name, FILE_MODE)
+        os.replace(temp_name, target)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    log.info("index of %d lots -> %s", len(table), target)
+    return target

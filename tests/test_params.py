@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import Params, ParamsError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_repo_params_load_and_set_every_key():
+    params = load_params(REPO / "params.yaml")
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def keys(tree, prefix=""):
+        for key, value in tree.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict) and not path.endswith("kind_weights"):
+                yield from keys(value, path + ".")
+            else:
+                yield path
+
+    # params.yaml is the single source: no setting may silently fall back to a code default.
+    assert set(keys(written)) == set(keys(params.model_dump(mode="json")))
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("synth:\n  n_wafer: 10\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: unknown key 'synth.n_wafer'"):
+        load_params(path)
+
+
+def test_invalid_value_is_named():
+    with pytest.raises(ParamsError, match=r"invalid value for 'dataset.split'.*must be 1"):
+        parse_params({"dataset": {"split": {"train": 0.5, "val": 0.1, "test": 0.1}}}, "p.yaml")
+    with pytest.raises(ParamsError, match=r"invalid value for 'synth.n_wafers'"):
+        parse_params({"synth": {"n_wafers": -3}}, "p.yaml")
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ParamsError, match="no such params file"):
+        load_params(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("synth: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(bad)
+
+
+def test_params_are_frozen():
+    with pytest.raises(Exception):
+        Params().seed = 3  # type: ignore[misc]

@@ -1,0 +1,105 @@
+"""Training, MLflow tracking, resume and the champion gate, on a tiny dataset and a thin FCN-8s."""
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline import registry, synth
+from pipeline.dataset import WaferDataset, write_dataset
+from pipeline.params import Params, parse_params
+from pipeline.train import fit, train_and_register
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """300 synthetic wafers of a small fixed shape, and params for a fast, thin model."""
+    root = tmp_path_factory.mktemp("train")
+    params = parse_params({
+        "seed": 7,
+        "synth": {"wafers_per_lot": 10},
+        "dataset": {"dir": str(root / "data")},
+        "model": {"width": 0.0625, "dropout": 0.1},
+        "train": {"epochs": 3, "batch_wafers": 16, "lr": 0.003, "checkpoint_dir": str(root / "ckpt"),
+                  "reports_dir": str(root / "reports"), "early_stop_patience": 10},
+        "registry": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_dir": str(root / "artifacts"),
+                     "system_metrics": False},
+    })
+    wafers = synth.generate(params.synth, seed=params.seed, n=300, shape=(32, 32))
+    write_dataset(wafers, params.dataset.dir, params.dataset, params.seed)
+    return root, params
+
+
+def _with_train(params: Params, root, name: str, **train) -> Params:
+    data = params.model_dump(mode="json")
+    data["train"].update(checkpoint_dir=str(root / name), **train)
+    return Params.model_validate(data)
+
+
+def test_training_lowers_loss_and_logs_an_mlflow_run(tiny, monkeypatch):
+    root, params = tiny
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    summary = train_and_register(params, params.dataset.dir)
+    client = MlflowClient(params.registry.tracking_uri)
+    run = client.get_run(summary["run_id"])
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    val_miou = client.get_metric_history(run.info.run_id, "val_miou")
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert [m.step for m in val_miou] == [1, 2, 3]
+    assert run.data.params["model.width"] == "0.0625"
+    assert run.data.params["dataset.version"] == summary["dataset_version"]
+    assert 0.0 <= run.data.metrics["test_miou"] <= 1.0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert artifacts == {"plots/confusion_test.png", "plots/overlays_test.png"}
+    version = client.get_model_version_by_alias("wafer-fcn8s", "champion")
+    assert str(version.version) == summary["model_version"] and summary["promoted"]
+    mlflow.set_tracking_uri(params.registry.tracking_uri)
+    loaded, label = registry.load_model("models:/wafer-fcn8s@champion", params.registry, torch.device("cpu"))
+    assert label == f"wafer-fcn8s/{version.version}"
+    assert isinstance(loaded, torch.nn.Module)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny):
+    root, params = tiny
+    dataset = WaferDataset(params.dataset.dir)
+    straight = fit(_with_train(params, root, "straight", epochs=2), dataset)
+    interrupted = _with_train(params, root, "resumed", epochs=2)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first_epoch(epoch, record):
+        raise Crash  # after epoch 1's checkpoint is written, as a killed process would leave it
+
+    with pytest.raises(Crash):
+        fit(interrupted, dataset, on_epoch=crash_after_first_epoch)
+    resumed = fit(interrupted, dataset, resume=True)
+    assert resumed.state.epoch == 2
+    assert [h["train_loss"] for h in resumed.state.history] == [h["train_loss"] for h in straight.state.history]
+    for name, weight in straight.model.state_dict().items():
+        assert torch.equal(weight, resumed.model.state_dict()[name]), name
+
+
+def test_gate_promotes_a_better_model_and_refuses_a_worse_one(tiny, monkeypatch):
+    root, params = tiny
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    reg = params.registry.model_copy(update={"model_name": "gate-test"})
+    registry.configure(reg)
+    client = MlflowClient()
+    client.create_registered_model("gate-test")
+    measured = {}
+
+    def new_version(miou):
+        version = client.create_model_version("gate-test", source="file:///nowhere").version
+        measured[f"models:/gate-test/{version}"] = miou
+        return version
+
+    first = registry.gate("gate-test", new_version(0.70), 0.70, measured.__getitem__)
+    better = registry.gate("gate-test", new_version(0.80), 0.80, measured.__getitem__)
+    worse = registry.gate("gate-test", new_version(0.75), 0.75, measured.__getitem__)
+    assert first.promoted and first.champion_version is None
+    assert better.promoted and better.champion_miou == 0.70
+    assert not worse.promoted and worse.champion_miou == 0.80
+    assert client.get_model_version_by_alias("gate-test", "champion").version == better.challenger_version
+    assert client.get_model_version_by_alias("gate-test", "challenger").version == worse.challenger_version
+    assert "stays challenger" in client.get_model_version("gate-test", worse.challenger_version).tags["gate"]
