@@ -18,15 +18,15 @@ log = logging.getLogger("bf16_bisect")
 REPRO = Path(__file__).with_name("bf16_repro.py")
 
 CONFIGS: list[str] = [
-    "--width 1 --batch 8 --size 64 --autocast --channels-last",
-    "--width 1 --batch 8 --size 64 --autocast",
-    "--width 1 --batch 8 --size 64 --channels-last",
-    "--width 1 --batch 4 --size 64 --autocast --channels-last",
-    "--width 1 --batch 16 --size 64 --autocast --channels-last --steps 2",
-    "--width 1 --batch 8 --size 32 --autocast --channels-last",
-    "--width 1 --batch 4 --size 96 --autocast --channels-last --steps 2",
-    "--width 1 --batch 2 --size 224 --autocast --channels-last --steps 2",
-    "--width 0.25 --batch 8 --size 64 --autocast --channels-last",
+    "--width 1 --batch 8 --size 64 --autocast --channels-last --full-fc6",
+    "--width 1 --batch 8 --size 64 --autocast --full-fc6",
+    "--width 1 --batch 8 --size 64 --channels-last --full-fc6",
+    "--width 1 --batch 4 --size 64 --autocast --channels-last --full-fc6",
+    "--width 1 --batch 16 --size 64 --autocast --channels-last --steps 2 --full-fc6",
+    "--width 1 --batch 8 --size 32 --autocast --channels-last --full-fc6",
+    "--width 1 --batch 4 --size 96 --autocast --channels-last --steps 2 --full-fc6",
+    "--width 1 --batch 2 --size 224 --autocast --channels-last --steps 2 --full-fc6",
+    "--width 0.25 --batch 8 --size 64 --autocast --channels-last --full-fc6",
 ]
 
 

@@ -32,12 +32,15 @@ def main() -> None:
     parser.add_argument("--no-mkldnn", action="store_true", help="torch.backends.mkldnn.enabled = False")
     parser.add_argument("--fp32-modules", default="", help="comma-separated submodule names run outside autocast")
     parser.add_argument("--forward-only", action="store_true")
+    parser.add_argument("--full-fc6", action="store_true", help="fc6 as the plain 7x7 conv, dead taps included (as it crashed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     torch.manual_seed(0)
     torch.backends.mkldnn.enabled = not args.no_mkldnn
     model = FCN(args.arch, args.width).train()
+    if args.full_fc6:
+        use_full_7x7(model.fc[0])
     for name in filter(None, args.fp32_modules.split(",")):
         keep_fp32(model.get_submodule(name))
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -58,6 +61,11 @@ def main() -> None:
             optimizer.step()
         log.info("step %d loss %.4f %.2fs", step, loss.item(), time.perf_counter() - start)
     log.info("ok")
+
+
+def use_full_7x7(fc6: torch.nn.Conv2d) -> None:
+    """Undo Fc6's dead-tap trim: the 7x7 kernel over a mostly padded pool5 map."""
+    fc6.forward = lambda x: F.conv2d(x, fc6.weight, fc6.bias, padding=3)
 
 
 def keep_fp32(module: torch.nn.Module) -> None:

@@ -86,7 +86,7 @@ def _compare(real_source: Path, dataset_dir: Path, params) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "calibration.csv")
     plot = synth.plot_comparison(real, synthetic, out_dir / "calibration.png")
-    print_frame(table, f"real ({len(real)} wafers, {real_source.name}) vs synthetic ({len(synthetic)})")
+    print_frame(table.T, f"real ({len(real)} wafers, {real_source.name}) vs synthetic ({len(synthetic)})")
     console.print(f"calibration: {out_dir / 'calibration.csv'}, {plot}")
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import report
@@ -137,6 +138,8 @@ def infer(source: Path, out: Path, params: Params, model_uri: str | None = None,
     device = select_device(params.train.device)
     amp, channels_last = params.infer.amp, params.infer.channels_last
     model, version = load_model(model_uri or params.infer.model_uri, params.registry, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     out.mkdir(parents=True, exist_ok=True)
     summary = InferSummary(version)
     unassigned: list[Rejected] = []

@@ -79,6 +79,26 @@ def vgg16_stages(width: float) -> tuple[nn.Sequential, nn.Sequential, nn.Sequent
     )
 
 
+class Fc6(nn.Conv2d):
+    """fc6: the paper's 7x7 convolution with padding 3 (same weights), run the way oneDNN runs fast.
+
+    Two exact rewrites. On a pool5 map of side s < 4 (inputs of at most 96 cells a side) the taps
+    more than s-1 from the centre meet only padding, so only the central 2s-1 taps run. And the
+    zero padding is applied to the input, not asked of the conv: for a padded 7x7 kernel larger
+    than its 512-channel input oneDNN has no fast backward-weights kernel and falls back to its
+    reference one (16-78 s a step at width 1; the prime suspect of the bf16 crash, see
+    benchmarks/bf16_training.md). Outputs and gradients are those of the plain conv.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=7, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        reach_h, reach_w = (min(side - 1, 3) for side in x.shape[-2:])
+        weight = self.weight[:, :, 3 - reach_h : 4 + reach_h, 3 - reach_w : 4 + reach_w]
+        return F.conv2d(F.pad(x, (reach_w, reach_w, reach_h, reach_h)), weight, self.bias)
+
+
 def out_channels(stage: nn.Sequential) -> int:
     return [m for m in stage if isinstance(m, nn.Conv2d)][-1].out_channels
 
@@ -96,7 +116,7 @@ class FCN(nn.Module):
         self.to_pool3, self.to_pool4, self.to_pool5 = vgg16_stages(width)
         fc = max(1, round(FC_CHANNELS * width))
         self.fc = nn.Sequential(
-            nn.Conv2d(out_channels(self.to_pool5), fc, 7, padding=3),
+            Fc6(out_channels(self.to_pool5), fc),
             nn.ReLU(inplace=True),
             nn.Dropout2d(dropout),
             nn.Conv2d(fc, fc, 1),
@@ -163,11 +183,12 @@ def cpu_has_native_bf16() -> bool:
 
 
 def bf16_allowed(device: torch.device | str, training: bool) -> bool:
-    """bf16 autocast only where it is fast and known safe.
+    """The one rule for bf16 autocast: only where it is fast and known safe.
 
-    CUDA: always (bf16-capable GPUs). CPU inference: only with native bf16 kernels; on AVX2 it is
-    ~4x slower than fp32. CPU training: never; full-width bf16-autocast training aborted with heap
-    corruption (`free(): invalid next size`) on an AMX host, and fp32 is the path that cannot crash.
+    CUDA: where the GPU supports bf16. CPU inference: only with native bf16 kernels (AVX512-BF16 /
+    AMX); on AVX2 bf16 runs ATen fallbacks 5-15x slower than fp32. CPU training: never; full-width
+    bf16-autocast training aborted with heap corruption (`free(): invalid next size`) on a bf16
+    host, most likely in a oneDNN bf16 backward kernel we cannot patch, so CPU training stays fp32.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -182,9 +203,9 @@ def autocast_context(device: torch.device | str, training: bool, enabled: bool =
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def memory_format(device: torch.device | str, training: bool, enabled: bool = True) -> torch.memory_format:
-    """channels_last together with CPU bf16 (oneDNN's bf16 kernels want NHWC); contiguous otherwise."""
-    device = torch.device(device)
-    if device.type == "cpu" and enabled and bf16_allowed(device, training):
+def memory_format(device: torch.device | str, training: bool) -> torch.memory_format:
+    """channels_last for CPU inference (1.2-2.5x faster, fp32 or bf16); contiguous for training,
+    where it was no faster at width 1 and the crash report had channels_last in the backward."""
+    if torch.device(device).type == "cpu" and not training:
         return torch.channels_last
     return torch.contiguous_format

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import socket
 
 import pytest
@@ -12,11 +13,13 @@ import torchvision
 from pipeline import model as model_module
 from pipeline.model import (
     FCN,
+    Fc6,
     autocast_context,
     bf16_allowed,
     bilinear_kernel,
     build_model,
     encode_maps,
+    memory_format,
     pad_to_stride,
     upsample,
 )
@@ -183,6 +186,17 @@ def test_training_on_cpu_never_uses_bf16_autocast(monkeypatch: pytest.MonkeyPatc
             assert not torch.is_autocast_enabled("cpu")
     with autocast_context("cpu", training=False, enabled=False):
         assert not torch.is_autocast_enabled("cpu")
+    assert memory_format("cpu", training=True) == torch.contiguous_format
+    assert memory_format("cpu", training=False) == torch.channels_last
+
+
+def test_channels_last_inference_matches_contiguous(models: dict[str, FCN]) -> None:
+    x = encode_maps(random_maps(2, 56, 53))
+    model = copy.deepcopy(models["fcn8s"])
+    with torch.no_grad():
+        reference = model(x)
+        logits = model.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(logits, reference, rtol=1e-4, atol=1e-5)
 
 
 def test_inference_under_bf16_autocast_is_close_to_fp32(models: dict[str, FCN]) -> None:
@@ -194,3 +208,19 @@ def test_inference_under_bf16_autocast_is_close_to_fp32(models: dict[str, FCN]) 
             logits = model(x)
     assert logits.shape == reference.shape
     torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 2), (2, 3), (3, 1), (4, 4), (6, 5), (7, 9)])
+def test_fc6_skipping_dead_taps_equals_the_full_7x7_convolution(size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    fc6 = Fc6(6, 10)
+    x = torch.randn(2, 6, *size, requires_grad=True)
+    fc6(x).square().sum().backward()
+    grads = (x.grad.clone(), fc6.weight.grad.clone(), fc6.bias.grad.clone())
+    x.grad = None
+    fc6.zero_grad()
+    full = F.conv2d(x, fc6.weight, fc6.bias, padding=3)
+    full.square().sum().backward()
+    torch.testing.assert_close(fc6(x), full)
+    for ours, reference in zip(grads, (x.grad, fc6.weight.grad, fc6.bias.grad)):
+        torch.testing.assert_close(ours, reference)

@@ -1,0 +1,163 @@
+"""Batch inference end to end: every source kind, quarantine, skip/--force, crash safety, the CLI."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline import io, report, synth
+from pipeline.cli import app
+from pipeline.infer import infer
+from pipeline.model import build_model
+from pipeline.params import Params, parse_params
+from pipeline.train import TrainState, save_checkpoint
+from pipeline.wafer import validate_wafer
+
+WM811K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wm811k"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A thin untrained FCN-8s saved as a training checkpoint, params pointing at it, and 4 synthetic lots."""
+    root = tmp_path_factory.mktemp("infer")
+    params = parse_params({"model": {"width": 0.0625}, "synth": {"wafers_per_lot": 3},
+                           "infer": {"chunk_wafers": 4, "batch_wafers": 4, "min_pattern_dies": 3},
+                           "train": {"device": "cpu"}})
+    torch.manual_seed(0)
+    model = build_model(params.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    checkpoint = root / "model.pt"
+    save_checkpoint(checkpoint, model, optimizer, scheduler, TrainState(), params)
+    wafers = list(synth.generate(params.synth, seed=1, n=12))
+    return root, params, str(checkpoint), wafers
+
+
+def _run(params: Params, source: Path, out: Path, model: str, force: bool = False):
+    summary = infer(source, out, params, model_uri=model, force=force)
+    assert summary.read == summary.reported + summary.quarantined + summary.skipped
+    return summary
+
+
+def _lots(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def test_lot_directory_and_tree_of_lots(setup, tmp_path):
+    root, params, model, wafers = setup
+    io.write_npy_lots(wafers, tmp_path / "inbox")
+    first_lot = wafers[0].lot_id
+    one = _run(params, tmp_path / "inbox" / first_lot, tmp_path / "one", model)
+    assert (one.read, one.reported, one.quarantined) == (3, 3, 0)
+    assert _lots(tmp_path / "one") == [first_lot]
+    tree = _run(params, tmp_path / "inbox", tmp_path / "all", model)
+    assert (tree.read, tree.reported, tree.lots_reported) == (12, 12, 4)
+    lot = tmp_path / "all" / first_lot
+    table = pd.read_parquet(lot / "wafers.parquet")
+    assert list(table.columns) == report.WAFER_COLUMNS
+    assert table["model_version"].str.startswith("checkpoint:model.pt:").all()
+    mask = np.load(lot / "masks" / f"{wafers[0].wafer_id}.npy")
+    assert mask.dtype == np.uint8 and mask.shape == wafers[0].shape
+    assert not mask[wafers[0].map != 2].any()  # passing and off-wafer dies are background
+    assert (tmp_path / "all" / "index.html").read_text().count("report.html") >= 4
+
+
+def test_die_tables_and_wm811k_files(setup, tmp_path):
+    root, params, model, wafers = setup
+    for name in ("dies.parquet", "dies.csv"):
+        io.write_die_table(wafers, tmp_path / name)
+        summary = _run(params, tmp_path / name, tmp_path / f"out-{name}", model)
+        assert (summary.read, summary.reported, summary.lots_reported) == (12, 12, 4)
+    summary = _run(params, WM811K / "sub100.csv", tmp_path / "out-wm811k", model)
+    assert (summary.read, summary.reported, summary.quarantined) == (100, 100, 0)
+    numbered = [w for w in wafers]
+    renumbered = [validate_wafer(w.lot_id, str(i + 1), w.map, label="none") for i, w in enumerate(numbered)]
+    io.write_wm811k_pickle(renumbered, tmp_path / "LSWMD.pkl")
+    summary = _run(params, tmp_path / "LSWMD.pkl", tmp_path / "out-pkl", model)
+    assert (summary.read, summary.reported) == (12, 12)
+
+
+def test_every_bad_input_is_quarantined_with_its_reason(setup, tmp_path):
+    root, params, model, wafers = setup
+    inbox = tmp_path / "inbox"
+    io.write_npy_lots(wafers[:3], inbox)
+    lot = inbox / wafers[0].lot_id
+    np.save(lot / "bad-values.npy", np.full((5, 5), 3, np.uint8))
+    np.save(lot / "floats.npy", np.ones((5, 5), np.float32))
+    (lot / "truncated.npy").write_bytes((lot / f"{wafers[0].wafer_id}.npy").read_bytes()[:60])
+    (lot / "notes.txt").write_text("not a wafer")
+    (lot / "evil.pkl").write_bytes(b"not opened")
+    summary = _run(params, inbox, tmp_path / "out", model)
+    assert (summary.read, summary.reported, summary.quarantined) == (8, 3, 5)
+    quarantine = pd.read_csv(tmp_path / "out" / wafers[0].lot_id / "quarantine.csv")
+    reasons = " | ".join(quarantine["reason"])
+    assert list(quarantine.columns) == report.QUARANTINE_COLUMNS
+    for expected in ("outside {0, 1, 2}", "integer dtype", "not a wafer file", "named explicitly"):
+        assert expected in reasons
+    assert len(quarantine) == 5
+
+
+def test_bad_rows_of_a_die_table_are_quarantined(setup, tmp_path):
+    root, params, model, wafers = setup
+    io.write_die_table(wafers[:6], tmp_path / "dies.parquet")
+    table = pd.read_parquet(tmp_path / "dies.parquet")
+    bad_bin = table["wafer_id"] == wafers[0].wafer_id
+    table.loc[bad_bin & (table["lot_id"] == wafers[0].lot_id), "bin"] = 7
+    table.loc[table["lot_id"] == wafers[3].lot_id, "lot_id"] = "../escape"
+    table.to_parquet(tmp_path / "bad.parquet", index=False)
+    summary = _run(params, tmp_path / "bad.parquet", tmp_path / "out", model)
+    assert (summary.read, summary.reported, summary.quarantined) == (6, 2, 4)
+    lot_quarantine = pd.read_csv(tmp_path / "out" / wafers[0].lot_id / "quarantine.csv")
+    assert "bin" in lot_quarantine["reason"].iloc[0]
+    unassigned = pd.read_csv(tmp_path / "out" / "quarantine.csv")
+    assert len(unassigned) == 3 and unassigned["reason"].str.contains("escape").all()
+    assert "../escape" not in _lots(tmp_path / "out")
+
+
+def test_current_lots_are_skipped_unless_forced(setup, tmp_path):
+    root, params, model, wafers = setup
+    io.write_die_table(wafers, tmp_path / "dies.parquet")
+    _run(params, tmp_path / "dies.parquet", tmp_path / "out", model)
+    stamp = (tmp_path / "out" / wafers[0].lot_id / "manifest.json").stat().st_mtime_ns
+    again = _run(params, tmp_path / "dies.parquet", tmp_path / "out", model)
+    assert (again.reported, again.skipped, again.lots_skipped) == (0, 12, 4)
+    assert (tmp_path / "out" / wafers[0].lot_id / "manifest.json").stat().st_mtime_ns == stamp
+    forced = _run(params, tmp_path / "dies.parquet", tmp_path / "out", model, force=True)
+    assert (forced.reported, forced.skipped) == (12, 0)
+
+
+def test_a_crash_mid_run_leaves_no_complete_looking_report(setup, tmp_path, monkeypatch):
+    root, params, model, wafers = setup
+    io.write_die_table(wafers, tmp_path / "dies.parquet")
+    real_build = report._build_lot
+    calls = []
+
+    def crash_on_third_lot(directory, lot_id, *args, **kwargs):
+        calls.append(lot_id)
+        if len(calls) == 3:
+            (directory / "wafers.csv").write_text("half")
+            raise RuntimeError("power cut")
+        return real_build(directory, lot_id, *args, **kwargs)
+
+    monkeypatch.setattr(report, "_build_lot", crash_on_third_lot)
+    with pytest.raises(RuntimeError, match="power cut"):
+        infer(tmp_path / "dies.parquet", tmp_path / "out", params, model_uri=model)
+    out = tmp_path / "out"
+    done = [lot for lot in _lots(out) if report.read_manifest(out / lot)]
+    assert done == _lots(out) and calls[2] not in done
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_cli_prints_read_reported_and_quarantined(setup, tmp_path):
+    root, params, model, wafers = setup
+    io.write_npy_lots(wafers[:3], tmp_path / "inbox")
+    np.save(tmp_path / "inbox" / wafers[0].lot_id / "bad.npy", np.zeros((4, 4), np.uint8))
+    (tmp_path / "params.yaml").write_text(
+        "model: {width: 0.0625}\ntrain: {device: cpu}\n")
+    result = CliRunner().invoke(app, ["infer", str(tmp_path / "inbox"), "--out", str(tmp_path / "out"),
+                                      "--model", model, "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "read 4 wafers: reported 3, quarantined 1" in " ".join(result.output.split())
