@@ -27,7 +27,7 @@ VARIANTS = [
     ("fp32", False, False, False),
     ("fp32 channels_last", False, True, False),
     ("bf16 autocast + channels_last", True, True, False),
-    ("fp32, untrimmed fc6", False, False, True),
+    ("fp32, plain 7x7 fc6 (before Fc6)", False, False, True),
 ]
 
 
