@@ -39,13 +39,19 @@ def _params(path: Path, profile: str | None = None):
         raise typer.Exit(2) from None
 
 
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if value.is_integer() else f"{value:.4g}"
+    return str(value)
+
+
 def print_frame(frame, title: str) -> None:
     table = Table(title=title)
     table.add_column(frame.index.name or "")
     for column in frame.columns:
         table.add_column(str(column), justify="right")
     for name, row in frame.iterrows():
-        table.add_row(str(name), *(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+        table.add_row(str(name), *(_cell(v) for v in row))
     console.print(table)
 
 
