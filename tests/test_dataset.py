@@ -86,3 +86,21 @@ def test_stats_table(tmp_path):
 def test_not_a_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a waferseg dataset"):
         WaferDataset(tmp_path)
+
+
+def test_ingest_cli_turns_a_labelled_die_table_into_a_dataset(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline import io
+    from pipeline.cli import app
+
+    wafers = list(_wafers(n_lots=4))
+    io.write_die_table(wafers, tmp_path / "labelled.parquet")
+    (tmp_path / "params.yaml").write_text("seed: 2\n")
+    result = CliRunner().invoke(app, ["ingest", str(tmp_path / "labelled.parquet"), "--out", str(tmp_path / "ds"),
+                                      "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    stored = {(w.lot_id, w.wafer_id): w for w in WaferDataset(tmp_path / "ds").wafers()}
+    assert len(stored) == len(wafers)
+    for wafer in wafers:
+        np.testing.assert_array_equal(stored[wafer.lot_id, wafer.wafer_id].mask, wafer.mask)

@@ -53,3 +53,14 @@ def test_missing_and_malformed_files(tmp_path):
 def test_params_are_frozen():
     with pytest.raises(Exception):
         Params().seed = 3  # type: ignore[misc]
+
+
+def test_cli_reports_a_bad_key_and_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    (tmp_path / "params.yaml").write_text("train:\n  epoch: 3\n")
+    result = CliRunner().invoke(app, ["generate", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2
+    assert "unknown key 'train.epoch'" in " ".join(result.output.split())

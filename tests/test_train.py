@@ -1,12 +1,16 @@
 """Training, MLflow tracking, resume and the champion gate, on a tiny dataset and a thin FCN-8s."""
 
+import json
+
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from pipeline import registry, synth
 from pipeline.dataset import WaferDataset, write_dataset
+from pipeline.evaluate import evaluate_model_on
 from pipeline.params import Params, parse_params
 from pipeline.train import fit, train_and_register
 
@@ -103,3 +107,17 @@ def test_gate_promotes_a_better_model_and_refuses_a_worse_one(tiny, monkeypatch)
     assert client.get_model_version_by_alias("gate-test", "champion").version == better.challenger_version
     assert client.get_model_version_by_alias("gate-test", "challenger").version == worse.challenger_version
     assert "stays challenger" in client.get_model_version("gate-test", worse.challenger_version).tags["gate"]
+
+
+def test_evaluate_stage_matches_the_logged_test_metrics(tiny, monkeypatch):
+    root, params = tiny
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    summary = json.loads((params.train.reports_dir / "train_summary.json").read_text())
+    out = root / "evaluate"
+    metrics = evaluate_model_on(f"models:/wafer-fcn8s/{summary['model_version']}", params.dataset.dir, "test",
+                                out, params)
+    assert metrics["miou"] == pytest.approx(summary["test_miou"])
+    written = json.loads((out / "metrics_test.json").read_text())
+    assert written["model"] == f"wafer-fcn8s/{summary['model_version']}"
+    assert np.array(written["confusion"]).sum() == sum(w.n_dies for w in WaferDataset(params.dataset.dir).wafers("test"))
+    assert (out / "confusion_test.png").stat().st_size > 0 and (out / "overlays_test.png").stat().st_size > 0
