@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.params import DatasetParams, SplitParams
-from pipeline.wafer import CLASS_NAMES, DIE_COLUMNS, Wafer, WaferError, validate_wafer, wafer_summary
+from pipeline.wafer import CLASS_NAMES, Wafer, WaferError, validate_wafer, wafer_summary
 
 log = logging.getLogger(__name__)
 

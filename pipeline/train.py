@@ -27,7 +27,7 @@ from pipeline.evaluate import evaluate_model, evaluate_predictions
 from pipeline.model import autocast_context, build_model
 from pipeline.params import Params, TrainParams
 from pipeline.predict import IGNORE_INDEX, bucket_batches, model_input, predict_wafers, training_batch
-from pipeline.wafer import DIE_COLUMNS, Wafer
+from pipeline.wafer import DIE_COLUMNS
 
 log = logging.getLogger(__name__)
 
