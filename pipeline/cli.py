@@ -85,8 +85,8 @@ def generate(
 def _compare(real_source: Path, dataset_dir: Path, params) -> None:
     from pipeline import dataset, io, synth
 
-    real = io.read_wafers(real_source)
-    synthetic = list(dataset.WaferDataset(dataset_dir).wafers())
+    real = synth.stats_table(io.read_wafers(real_source))
+    synthetic = synth.stats_table(dataset.WaferDataset(dataset_dir).wafers())
     table = synth.compare_real(real, synthetic)
     out_dir = params.preview.path.parent
     out_dir.mkdir(parents=True, exist_ok=True)

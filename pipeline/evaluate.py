@@ -177,6 +177,19 @@ def evaluate_model(model, wafers: Sequence[Wafer], batch_wafers: int, device: to
     return evaluate_predictions(wafers, predict_wafers(model, wafers, batch_wafers, device, amp, channels_last))
 
 
+def evaluate_split(model, wafers: Sequence[Wafer], out_dir: Path, name: str, batch_wafers: int,
+                   device: torch.device, amp: bool = False, channels_last: bool = False,
+                   title: str | None = None) -> tuple[ConfusionMatrix, dict, list[Path]]:
+    """Predict labelled wafers, score them, and draw `confusion_<name>.png` and `overlays_<name>.png`."""
+    predictions = predict_wafers(model, wafers, batch_wafers, device, amp, channels_last)
+    confusion, metrics = evaluate_predictions(wafers, predictions)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = [plot_confusion(confusion.matrix, out_dir / f"confusion_{name}.png", title=title or name),
+             plot_overlays(wafers, predictions, out_dir / f"overlays_{name}.png")]
+    return confusion, metrics, plots
+
+
 def evaluate_model_on(model_uri: str, dataset_dir: Path, split: str, out_dir: Path, params) -> dict:
     """The `evaluate` stage: a registered or checkpointed model on one split of a dataset, with plots."""
     from pipeline.dataset import WaferDataset
@@ -184,16 +197,12 @@ def evaluate_model_on(model_uri: str, dataset_dir: Path, split: str, out_dir: Pa
     from pipeline.train import select_device, use_amp
 
     device = select_device(params.train.device)
-    amp = use_amp(params.train, device)
     model, version = load_model(model_uri, params.registry, device)
     wafers = list(WaferDataset(dataset_dir).wafers(split))
-    predictions = predict_wafers(model, wafers, params.train.batch_wafers, device, amp, params.train.channels_last)
-    confusion, metrics = evaluate_predictions(wafers, predictions)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    plot_confusion(confusion.matrix, out_dir / f"confusion_{split}.png", title=f"{version} on {split}")
-    plot_overlays(wafers, predictions, out_dir / f"overlays_{split}.png")
-    (out_dir / f"metrics_{split}.json").write_text(json.dumps(
+    confusion, metrics, _ = evaluate_split(model, wafers, out_dir, split, params.train.batch_wafers, device,
+                                           use_amp(params.train, device), params.train.channels_last,
+                                           title=f"{version} on {split}")
+    (Path(out_dir) / f"metrics_{split}.json").write_text(json.dumps(
         {"model": version, "dataset": str(dataset_dir), "split": split, "wafers": len(wafers),
          "confusion": confusion.matrix.tolist(), **metrics}, indent=2, default=float))
     return metrics

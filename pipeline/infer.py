@@ -116,11 +116,13 @@ def read_ahead(iterator: Iterator, depth: int) -> Iterator:
 def chunks_of_lots(lots: Iterator[Lot], min_wafers: int) -> Iterator[list[Lot]]:
     """Whole lots gathered until they hold at least `min_wafers` wafers: batches then span lots."""
     chunk: list[Lot] = []
+    wafers = 0
     for lot in lots:
         chunk.append(lot)
-        if sum(len(lot.wafers) for lot in chunk) >= min_wafers:
+        wafers += len(lot.wafers)
+        if wafers >= min_wafers:
             yield chunk
-            chunk = []
+            chunk, wafers = [], 0
     if chunk:
         yield chunk
 

@@ -23,10 +23,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from pipeline.dataset import WaferDataset
-from pipeline.evaluate import evaluate_model, evaluate_predictions
+from pipeline.evaluate import evaluate_model, evaluate_split
 from pipeline.model import autocast_context, build_model
 from pipeline.params import Params, TrainParams
-from pipeline.predict import IGNORE_INDEX, bucket_batches, model_input, predict_wafers, training_batch
+from pipeline.predict import IGNORE_INDEX, bucket_batches, model_input, training_batch
 from pipeline.wafer import DIE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -243,7 +243,6 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
     import mlflow
 
     from pipeline import registry
-    from pipeline.evaluate import plot_confusion, plot_overlays
     from pipeline.versioning import dataset_version
 
     dataset = WaferDataset(dataset_dir)
@@ -266,15 +265,15 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
         result = fit(params, dataset, resume=resume, on_start=start,
                      on_epoch=lambda epoch, record: mlflow.log_metrics(record, step=epoch))
         test_wafers = list(dataset.wafers("test"))
-        predictions = predict_wafers(result.model, test_wafers, params.train.batch_wafers, result.device,
-                                     result.amp, params.train.channels_last)
-        confusion, metrics = evaluate_predictions(test_wafers, predictions)
+        confusion, metrics, plots = evaluate_split(result.model, test_wafers, out_dir, "test",
+                                                   params.train.batch_wafers, result.device, result.amp,
+                                                   params.train.channels_last)
         test_metrics = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}
         mlflow.log_metrics(test_metrics)
         mlflow.log_metrics({"best_epoch": result.state.best_epoch, "epochs_run": result.state.epoch,
                             "train_wafers_per_s_overall": result.state.wafers_seen / result.state.train_seconds})
-        mlflow.log_artifact(str(plot_confusion(confusion.matrix, out_dir / "confusion_test.png")), "plots")
-        mlflow.log_artifact(str(plot_overlays(test_wafers, predictions, out_dir / "overlays_test.png")), "plots")
+        for plot in plots:
+            mlflow.log_artifact(str(plot), "plots")
         mlflow.log_dict({"matrix": confusion.matrix.tolist(), "metrics": metrics}, "metrics/test_confusion.json")
         example = np.stack([test_wafers[0].map])
         info = registry.log_model(result.model, example, params.registry.model_name)
