@@ -4,6 +4,7 @@ a model back by registry URI or from a local checkpoint."""
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -102,11 +103,12 @@ def load_model(uri: str, params: RegistryParams, device: torch.device) -> tuple[
     that names exactly which weights produced a report."""
     path = Path(uri)
     if path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        data = path.read_bytes()  # read once: hashed for the version label, then loaded
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
         model = build_model(ModelParams(**checkpoint["params"]["model"]))
         state = checkpoint["state"].get("best_weights") or checkpoint["model"]
         model.load_state_dict(state)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        digest = hashlib.sha256(data).hexdigest()[:12]
         return model.to(device).eval(), f"checkpoint:{path.name}:{digest}"
     mlflow.set_tracking_uri(tracking_uri(params))
     model = mlflow.pytorch.load_model(uri, map_location=device)

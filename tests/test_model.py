@@ -19,7 +19,6 @@ from pipeline.model import (
     bilinear_kernel,
     build_model,
     encode_maps,
-    memory_format,
     pad_to_stride,
     upsample,
 )
@@ -186,7 +185,6 @@ def test_training_on_cpu_never_uses_bf16_autocast(monkeypatch: pytest.MonkeyPatc
             assert not torch.is_autocast_enabled("cpu")
     with autocast_context("cpu", training=False, enabled=False):
         assert not torch.is_autocast_enabled("cpu")
-    assert memory_format("cpu") == torch.channels_last
 
 
 def test_channels_last_inference_matches_contiguous(models: dict[str, FCN]) -> None:
