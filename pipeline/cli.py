@@ -58,7 +58,7 @@ def print_frame(frame, title: str) -> None:
 @app.command()
 def generate(
     n: Annotated[Optional[int], typer.Option("--n", help="Wafers to generate (default: synth.n_wafers).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Dataset directory (default: dataset.dir).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Dataset directory (default: dataset.synthetic_dir).")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed (default: params seed).")] = None,
     compare_real: Annotated[Optional[Path], typer.Option(
         "--compare-real", help="Real wafer source to compare the generator against (table + plot).")] = None,
@@ -71,7 +71,7 @@ def generate(
     params = _params(params_path, profile)
     seed = params.seed if seed is None else seed
     n = params.synth.n_wafers if n is None else n
-    out = params.dataset.dir if out is None else out
+    out = params.dataset.synthetic_dir if out is None else out
     wafers = track(synth.generate(params.synth, seed=seed, n=n), total=n, description="generating",
                    console=console)
     index = dataset.write_dataset(wafers, out, params.dataset, seed)
@@ -98,16 +98,56 @@ def _compare(real_source: Path, dataset_dir: Path, params) -> None:
 
 @app.command()
 def ingest(
-    source: Annotated[Path, typer.Argument(help="Labelled wafers: lot dir, tree of lots, die table or WM-811K.")],
-    out: Annotated[Path, typer.Option("--out", help="Dataset directory to write.")],
+    sources: Annotated[Optional[list[Path]], typer.Argument(
+        help="Labelled lot dirs / die tables (default: every entry of data.inbox).")] = None,
     params_path: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
-    """Turn labelled wafers from any contract format into a sharded dataset."""
-    from pipeline import dataset, io
+    """Merge labelled wafers into the DVC-tracked store and version it (dvc add, push, git commit)."""
+    from pipeline.versioning import ingest as ingest_labelled
 
     params = _params(params_path)
-    index = dataset.write_dataset(io.read_wafers(source), out, params.dataset, params.seed)
+    result = ingest_labelled(params, sources or None)
+    for entry, problem in result.quarantined.items():
+        console.print(f"[yellow]quarantined[/yellow] {entry}: {problem}")
+    if result.version:
+        console.print(f"merged {result.wafers_added} wafers from {len(result.merged)} source(s): dataset version "
+                      f"{result.version.md5}" + (f", commit {result.version.commit[:8]}" if result.version.commit else ""))
+    else:
+        console.print("nothing new to merge")
+    if result.quarantined:
+        raise typer.Exit(1)
+
+
+@app.command()
+def split(
+    out: Annotated[Optional[Path], typer.Option("--out", help="Dataset to write (default: dataset.dir).")] = None,
+    params_path: ParamsOption = DEFAULT_PARAMS,
+    profile: ProfileOption = None,
+) -> None:
+    """Merge the synthetic set and the real labelled store into the training dataset, split per lot."""
+    from pipeline import dataset
+
+    params = _params(params_path, profile)
+    out = out or params.dataset.dir
+    index = dataset.merge_datasets([params.dataset.synthetic_dir, params.data.store], out, params.dataset,
+                                   params.seed)
     print_frame(dataset.dataset_stats(index).T, f"{out}: {len(index)} wafers")
+
+
+@app.command()
+def init(
+    seed_lots: Annotated[Optional[Path], typer.Option(
+        "--seed-lots", help="Wafer source whose lots fill an empty lots inbox (e.g. real WM-811K lots).")] = None,
+    params_path: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Prepare a workspace: restore data/ from DVC (or start the empty store) and fill the lots inbox."""
+    from pipeline.infer import seed_inbox
+    from pipeline.versioning import restore_data
+
+    params = _params(params_path)
+    console.print(f"{params.data.root}/: {restore_data(params.data)}")
+    if seed_lots is not None:
+        console.print(f"{params.infer.inbox}/: {seed_inbox(seed_lots, params.infer.inbox)} wafers seeded")
 
 
 @app.command()
@@ -179,9 +219,11 @@ def report(
 
 
 def main() -> None:
+    from pipeline.versioning import VersioningError
+
     try:
         app()
-    except WaferError as error:
+    except (WaferError, VersioningError) as error:
         console.print(f"[red]error:[/red] {error}")
         raise SystemExit(2) from None
 

@@ -12,6 +12,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def assign_splits(lot_ids: Iterable[str], split: SplitParams, seed: int) -> dict
 
 def _index_row(wafer: Wafer, shard: int, offset: int) -> dict:
     return {**wafer_summary(wafer, wafer.mask), "label": wafer.label, "has_mask": wafer.mask is not None,
-            "shard": shard, "offset": offset}
+            "source": str(wafer.source), "shard": shard, "offset": offset}
 
 
 def _write_shard(directory: Path, number: int, wafers: list[Wafer]) -> None:
@@ -68,13 +69,13 @@ def write_dataset(
         (staging / SHARD_DIR).mkdir()
         rows: list[dict] = []
         buffer: list[Wafer] = []
-        seen: set[tuple[str, str]] = set()
+        seen: dict[tuple[str, str], object] = {}
         shard, offset = 0, 0
         for wafer in wafers:
             key = (wafer.lot_id, wafer.wafer_id)
             if key in seen:
-                raise WaferError(wafer.source, "duplicate wafer in dataset input", *key)
-            seen.add(key)
+                raise WaferError(wafer.source, f"duplicate wafer in dataset input (also in {seen[key]})", *key)
+            seen[key] = wafer.source
             rows.append(_index_row(wafer, shard, offset))
             buffer.append(wafer)
             offset += wafer.map.size
@@ -135,9 +136,24 @@ class WaferDataset:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         return np.flatnonzero(self.index["split"].to_numpy() == split)
 
-    def wafers(self, split: str | None = None) -> Iterator[Wafer]:
+    def wafers(self, split: str | None = None, with_origin: bool = False) -> Iterator[Wafer]:
+        """Wafers in index order; with_origin gives each the source it was first read from (as recorded)."""
+        origins = self.index["source"] if with_origin and "source" in self.index else None
         for position in self.positions(split):
-            yield self.wafer(int(position))
+            wafer = self.wafer(int(position))
+            yield replace(wafer, source=origins.iloc[position]) if origins is not None else wafer
+
+
+def merge_datasets(sources: Iterable[Path], out_dir: Path, params: DatasetParams, seed: int) -> pd.DataFrame:
+    """The `split` stage: the wafers of every source dataset that exists, in one dataset split per lot.
+
+    Each wafer keeps the source it first came from; a wafer id in two sources is an error naming both."""
+    present = [Path(s) for s in sources if (Path(s) / INDEX_FILE).is_file()]
+    for missing in set(map(Path, sources)) - set(present):
+        log.info("split: %s has no dataset yet, left out", missing)
+    if not present:
+        raise FileNotFoundError(f"{out_dir}: none of the source datasets exists ({', '.join(map(str, sources))})")
+    return write_dataset((w for s in present for w in WaferDataset(s).wafers(with_origin=True)), out_dir, params, seed)
 
 
 def dataset_stats(index: pd.DataFrame) -> pd.DataFrame:

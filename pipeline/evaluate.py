@@ -8,6 +8,7 @@ positions never count, whatever the model predicts there.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -90,6 +91,18 @@ def compute_metrics(matrix: np.ndarray) -> dict:
     }
     metrics.update({f"iou_{name}": float(value) for name, value in zip(CLASS_NAMES, iou)})
     return metrics
+
+
+def headline_metrics(metrics: dict) -> dict:
+    """The numbers DVC and people compare: mIoU, defect mIoU, pixel accuracy and IoU per class name
+    (NaN, a class absent everywhere, becomes null: JSON has no NaN)."""
+
+    def number(value: float) -> float | None:
+        return None if math.isnan(value) else round(value, 6)
+
+    return {"miou": number(metrics["miou"]), "defect_miou": number(metrics["defect_miou"]),
+            "pixel_accuracy": number(metrics["pixel_accuracy"]),
+            "iou": {name: number(value) for name, value in zip(CLASS_NAMES, metrics["iou"])}}
 
 
 def plot_confusion(matrix: np.ndarray, path: Path, title: str = "Confusion matrix (on-wafer dies)") -> Path:
@@ -205,4 +218,5 @@ def evaluate_model_on(model_uri: str, dataset_dir: Path, split: str, out_dir: Pa
     (Path(out_dir) / f"metrics_{split}.json").write_text(json.dumps(
         {"model": version, "dataset": str(dataset_dir), "split": split, "wafers": len(wafers),
          "confusion": confusion.matrix.tolist(), **metrics}, indent=2, default=float))
+    (Path(out_dir) / "metrics.json").write_text(json.dumps({split: headline_metrics(metrics)}, indent=2))
     return metrics

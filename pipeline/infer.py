@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +22,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import report
-from pipeline.io import Rejected, iter_source
+from pipeline.io import Rejected, iter_source, read_wafers, write_npy_lots
 from pipeline.params import Params
 from pipeline.predict import predict_wafers
 from pipeline.registry import load_model
@@ -202,3 +204,24 @@ def class_mix(out: Path) -> dict[str, int]:
     if not frames:
         return {}
     return pd.concat(frames)["dominant_class"].value_counts().sort_index().to_dict()
+
+
+def seed_inbox(source: Path, inbox: Path) -> int:
+    """Fill an empty lots inbox with the lots of `source` as <lot_id>/<wafer_id>.npy; the wafers written
+    (0 when the inbox already holds lots). The inbox appears whole or not at all."""
+    inbox = Path(inbox)
+    if inbox.is_dir() and any(not entry.name.startswith(".") for entry in inbox.iterdir()):
+        return 0
+    wafers = read_wafers(source)
+    inbox.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{inbox.name}-", dir=inbox.parent))
+    try:
+        write_npy_lots(wafers, staging)
+        if inbox.exists():
+            inbox.rmdir()
+        staging.rename(inbox)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("seeded %s with %d wafers in %d lots from %s", inbox, len(wafers), len({w.lot_id for w in wafers}),
+             source)
+    return len(wafers)

@@ -209,9 +209,36 @@ class SplitParams(Section):
 
 
 class DatasetParams(Section):
-    dir: Path = Path("data/synthetic")
+    """`generate` writes the synthetic set to synthetic_dir; `split` merges it with the real labelled data
+    under DVC (data.store) into `dir`, the dataset training reads, split per lot."""
+
+    synthetic_dir: Path = Path("build/synthetic")
+    dir: Path = Path("build/dataset")
     shard_wafers: int = Field(4096, gt=0)
     split: SplitParams = SplitParams()
+
+
+# --- labelled data under DVC (pipeline/versioning.py) -----------------------------------------
+
+
+class DataParams(Section):
+    """Real labelled wafers: dropped into `inbox`, merged into `store` inside `root`, which data.dvc
+    tracks; each change is `dvc add`ed, pushed to `remote` and (in a git work tree) committed."""
+
+    root: Path = Path("data")
+    store: Path = Path("data/labelled")
+    inbox: Path = Path("inbox/labelled")
+    ingested: Path = Path("inbox/ingested")  # merged inbox entries move here; nothing is deleted
+    quarantine: Path = Path("inbox/quarantine")
+    remote: str = "local"
+    lock_timeout_s: float = Field(120.0, ge=0)
+    git_commit: bool = True
+
+    @model_validator(mode="after")
+    def _store_inside_root(self) -> DataParams:
+        if self.root not in self.store.parents:
+            raise ValueError(f"data.store ({self.store}) must lie inside data.root ({self.root}), which DVC tracks")
+        return self
 
 
 class PreviewParams(Section):
@@ -250,6 +277,7 @@ class TrainParams(Section):
     amp: Literal["auto", "off", "bf16"] = "auto"
     channels_last: bool = False
     checkpoint_dir: Path = Path("checkpoints")
+    model_out: Path = Path("models/fcn8s.pt")  # the selected weights, a DVC output `evaluate`/`infer` can use
     reports_dir: Path = Path("reports/train")
 
 
@@ -266,6 +294,7 @@ class RegistryParams(Section):
 
 class InferParams(Section):
     model_uri: str = "models:/wafer-fcn8s@champion"
+    inbox: Path = Path("inbox/lots")  # new lots arrive here (lot dirs of .npy wafers, die tables)
     out: Path = Path("reports/lots")
     batch_wafers: int = Field(64, gt=0)
     chunk_wafers: int = Field(512, gt=0)  # predicted together, across lots, before reports are handed on
@@ -298,6 +327,7 @@ class Params(Section):
     profile: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when CUDA is available
     synth: SynthParams = SynthParams()
     dataset: DatasetParams = DatasetParams()
+    data: DataParams = DataParams()
     preview: PreviewParams = PreviewParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()

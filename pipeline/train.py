@@ -23,7 +23,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from pipeline.dataset import WaferDataset
-from pipeline.evaluate import evaluate_model, evaluate_split
+from pipeline.evaluate import evaluate_model, evaluate_split, headline_metrics
 from pipeline.model import autocast_context, build_model
 from pipeline.params import Params, TrainParams
 from pipeline.predict import IGNORE_INDEX, bucket_batches, model_input, training_batch
@@ -111,13 +111,19 @@ class TrainResult:
     stopped_early: bool
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState, params: Params) -> None:
+def _save_atomically(payload: dict, path: Path) -> Path:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "state": state.__dict__,
-                "params": params.model_dump(mode="json")}, staging)
-    os.replace(staging, path)  # a crash mid-save keeps the previous checkpoint
+    torch.save(payload, staging)
+    os.replace(staging, path)  # a crash mid-save keeps the previous file
+    return path
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState, params: Params) -> None:
+    _save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "state": state.__dict__,
+                      "params": params.model_dump(mode="json")}, path)
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
@@ -227,6 +233,22 @@ def fit(
     return TrainResult(model, state, device, amp, stopped_early)
 
 
+def save_model(path: Path, model: torch.nn.Module, params: Params) -> Path:
+    """The selected weights alone, in the checkpoint layout `registry.load_model` reads (no optimizer)."""
+    return _save_atomically({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                             "state": {}, "params": params.model_dump(mode="json")}, path)
+
+
+def write_history(history: list[dict[str, float]], path: Path) -> Path:
+    """One row per epoch (x: epoch) for DVC plots and people."""
+    import pandas as pd
+
+    frame = pd.DataFrame(history)
+    frame.insert(0, "epoch", range(1, len(frame) + 1))
+    frame.to_csv(path, index=False, float_format="%.6g")
+    return path
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     flat: dict[str, object] = {}
     for key, value in tree.items():
@@ -243,20 +265,23 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
     import mlflow
 
     from pipeline import registry
-    from pipeline.versioning import dataset_version
+    from pipeline.versioning import dataset_version, dvc_md5
 
     dataset = WaferDataset(dataset_dir)
     out_dir = Path(out_dir or params.train.reports_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     registry.configure(params.registry)
-    version = dataset_version(dataset_dir)
+    # The DVC md5 of data/ names the labelled data; the content hash names the exact split trained on.
+    version = dvc_md5(params.data) or "untracked"
+    content_hash = dataset_version(dataset_dir)
 
     def start(state: TrainState) -> None:
         run = mlflow.start_run(run_id=state.run_id, log_system_metrics=params.registry.system_metrics)
         state.run_id = run.info.run_id
         if not resume or not state.history:
             mlflow.log_params(_flatten(params.model_dump(mode="json")))
-            mlflow.log_params({"dataset.version": version, "dataset.path": str(dataset_dir),
+            mlflow.log_params({"dataset.version": version, "dataset.content_hash": content_hash,
+                               "dataset.path": str(dataset_dir),
                                **{f"dataset.{s}_wafers": int((dataset.index["split"] == s).sum())
                                   for s in ("train", "val", "test")}})
             mlflow.set_tags({"dataset_version": version, "profile": params.profile})
@@ -269,6 +294,11 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
                                                    params.train.batch_wafers, result.device, result.amp,
                                                    params.train.channels_last)
         test_metrics = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}
+        save_model(params.train.model_out, result.model, params)
+        write_history(result.state.history, out_dir / "history.csv")
+        (out_dir / "metrics.json").write_text(json.dumps(
+            {"test": headline_metrics(metrics), "best_epoch": result.state.best_epoch,
+             "best_val_miou": round(result.state.best_miou, 6)}, indent=2))
         mlflow.log_metrics(test_metrics)
         mlflow.log_metrics({"best_epoch": result.state.best_epoch, "epochs_run": result.state.epoch,
                             "train_wafers_per_s_overall": result.state.wafers_seen / result.state.train_seconds})

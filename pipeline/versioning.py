@@ -1,11 +1,58 @@
-"""Which data a model saw: a content hash of a dataset directory (stable across machines and copies)."""
+"""Labelled data as versioned code: `data/` is tracked by `data.dvc`; every change is `dvc add`ed, pushed to
+the DVC remote and, inside a git work tree, committed with a message naming the change.
+
+DVC runs as its own CLI process (`python -m dvc`), one at a time per workspace: `dvc_lock` queues this
+project's DVC work behind a file lock and turns DVC's own lock and remote errors into plain messages.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
+from pipeline.dataset import INDEX_FILE, WaferDataset, write_dataset
+from pipeline.io import Rejected, iter_source
+from pipeline.params import DataParams, Params
+from pipeline.wafer import Wafer, WaferError
+
+log = logging.getLogger(__name__)
+
 CHUNK = 1 << 20
+LOCK_FILE = Path(".dvc/tmp/waferseg-dvc.lock")
+LOCK_POLL_S = 0.2
+DVC_BUSY = "Unable to acquire lock"
+GIT_IDENTITY = ("-c", "user.name=waferseg", "-c", "user.email=waferseg@localhost")
+# What `data/` holds before any real labelled data arrives: the same bytes everywhere, so a fresh clone
+# rebuilds the version data.dvc names without a remote.
+STORE_README = """\
+Labelled real wafers, versioned with DVC (data.dvc at the project root tracks this directory).
+
+Do not edit by hand: drop labelled die tables (with a `label` column) or lots of <wafer_id>.npy plus
+<wafer_id>.mask.npy into the labelled inbox (params.yaml `data.inbox`) and run `waferseg ingest`.
+It validates them, merges them into labelled/ and versions the result (dvc add, dvc push, git commit).
+"""
+
+
+class VersioningError(RuntimeError):
+    """A DVC or git step failed; the message says which, why, and what to do."""
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    md5: str
+    commit: str | None  # the git commit that recorded this version, None when nothing changed / no git
 
 
 def dataset_version(root: Path | str) -> str:
@@ -18,3 +65,250 @@ def dataset_version(root: Path | str) -> str:
             while chunk := handle.read(CHUNK):
                 digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def dvc_file(params: DataParams, workspace: Path = Path(".")) -> Path:
+    return workspace / f"{params.root}.dvc"
+
+
+def dvc_md5(params: DataParams, workspace: Path = Path(".")) -> str | None:
+    """The md5 data.dvc records for data/ (DVC's own dataset version), None when it is not tracked yet."""
+    path = dvc_file(params, workspace)
+    if not path.is_file():
+        return None
+    try:
+        return yaml.safe_load(path.read_text())["outs"][0]["md5"]
+    except (yaml.YAMLError, KeyError, IndexError, TypeError) as error:
+        raise VersioningError(f"{path}: not a DVC file with an output md5 ({error})") from None
+
+
+@contextmanager
+def dvc_lock(workspace: Path, timeout_s: float) -> Iterator[None]:
+    """Hold the workspace's DVC lock; wait up to timeout_s for another process to finish its DVC work."""
+    path = workspace / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "unknown"
+                    raise VersioningError(
+                        f"{workspace.resolve()}: DVC work is locked by another process ({holder}); waited "
+                        f"{timeout_s:g} s. Let it finish (or stop it) and run again.") from None
+                time.sleep(LOCK_POLL_S)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.truncate(0)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _dvc(workspace: Path, *args: str, timeout_s: float = 0.0) -> str:
+    """Run one DVC command; retry while another DVC process (a `dvc repro`, say) holds DVC's own lock."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.5
+    while True:
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, capture_output=True, text=True)
+        if done.returncode == 0:
+            return done.stdout
+        output = f"{done.stdout}\n{done.stderr}".strip()
+        if DVC_BUSY in output and time.monotonic() < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            continue
+        if DVC_BUSY in output:
+            raise VersioningError(f"{workspace.resolve()}: another DVC process holds the repository lock "
+                                  f"(`dvc {args[0]}` gave up after {timeout_s:g} s); let it finish and run again")
+        raise VersioningError(f"`dvc {' '.join(args)}` failed in {workspace.resolve()}: {_last_lines(output)}")
+
+
+def _last_lines(text: str, n: int = 3) -> str:
+    return " / ".join(line.strip() for line in text.splitlines()[-n:] if line.strip()) or "no output"
+
+
+def _git(workspace: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True)
+
+
+def in_git_work_tree(workspace: Path) -> bool:
+    done = _git(workspace, "rev-parse", "--is-inside-work-tree")
+    return done.returncode == 0 and done.stdout.strip() == "true"
+
+
+def _commit(workspace: Path, path: Path, message: str) -> str | None:
+    """Commit just `path` when it differs from HEAD; the new commit's sha, or None when unchanged."""
+    relative = str(path.relative_to(workspace))
+    if not _git(workspace, "status", "--porcelain", "--", relative).stdout.strip():
+        return None
+    _git(workspace, "add", "--", relative)
+    identity = () if _git(workspace, "config", "user.email").stdout.strip() else GIT_IDENTITY
+    done = _git(workspace, *identity, "commit", "-q", "-m", message, "--", relative)
+    if done.returncode != 0:
+        raise VersioningError(f"git commit of {relative} failed: {_last_lines(done.stderr or done.stdout)}")
+    return _git(workspace, "rev-parse", "HEAD").stdout.strip()
+
+
+def version_data(params: DataParams, message: str, workspace: Path = Path("."),
+                 expect_md5: str | None = None) -> DataVersion:
+    """`dvc add` data/, commit data.dvc (git work tree only) and `dvc push` it: one new dataset version.
+
+    With expect_md5, a different result is refused and data.dvc left as it was. A push that fails (remote
+    unreachable) raises after the version is recorded locally; pushing is idempotent, so the next call
+    pushes whatever the remote lacks.
+    """
+    workspace = Path(workspace)
+    with dvc_lock(workspace, params.lock_timeout_s):
+        return _version_locked(params, message, workspace, expect_md5)
+
+
+def _version_locked(params: DataParams, message: str, workspace: Path, expect_md5: str | None) -> DataVersion:
+    tracked = dvc_file(params, workspace)
+    before = tracked.read_bytes() if tracked.is_file() else None
+    _dvc(workspace, "add", str(params.root), timeout_s=params.lock_timeout_s)
+    md5 = dvc_md5(params, workspace)
+    if expect_md5 is not None and md5 != expect_md5:
+        if before is not None:
+            tracked.write_bytes(before)
+        raise VersioningError(f"{tracked.name} names dataset version {expect_md5}, but {params.root}/ holds "
+                              f"{md5}; run `dvc pull -r <remote>` against the remote that holds {expect_md5}")
+    commit = None
+    if params.git_commit and in_git_work_tree(workspace):
+        commit = _commit(workspace, dvc_file(params, workspace), message)
+    try:
+        _dvc(workspace, "push", "--quiet", "-r", params.remote, dvc_file(params).as_posix(),
+             timeout_s=params.lock_timeout_s)
+    except VersioningError as error:
+        raise VersioningError(f"dataset version {md5} is recorded in {dvc_file(params)} but was not pushed "
+                              f"to DVC remote '{params.remote}': {error}. The next run pushes it.") from None
+    log.info("dataset version %s (%s)%s, pushed to '%s'", md5, message,
+             f", committed {commit[:8]}" if commit else "", params.remote)
+    return DataVersion(md5, commit)
+
+
+def restore_data(params: DataParams, workspace: Path = Path(".")) -> str:
+    """Make data/ match data.dvc: from the DVC cache, else the remote; with neither, a fresh workspace
+    starts the empty store (only when that is the version data.dvc names). Returns what it did."""
+    workspace = Path(workspace)
+    root = workspace / params.root
+    if root.exists():
+        return "present"
+    with dvc_lock(workspace, params.lock_timeout_s):
+        if dvc_file(params, workspace).is_file():
+            for command in ("checkout", "pull"):
+                try:
+                    _dvc(workspace, command, "--quiet", dvc_file(params).as_posix(), timeout_s=params.lock_timeout_s)
+                    return command
+                except VersioningError as error:
+                    log.debug("dvc %s: %s", command, error)
+        expected = dvc_md5(params, workspace)
+        root.mkdir(parents=True)
+        (root / "README.md").write_text(STORE_README)
+    try:
+        version_data(params, "data: start the labelled data store", workspace, expect_md5=expected)
+    except VersioningError:
+        shutil.rmtree(root)
+        raise
+    return "created"
+
+
+@dataclass
+class IngestResult:
+    merged: list[str] = field(default_factory=list)  # inbox entries merged into the store
+    quarantined: dict[str, str] = field(default_factory=dict)  # entry -> why it was refused
+    wafers_added: int = 0
+    version: DataVersion | None = None
+
+
+def ingest(params: Params, sources: list[Path] | None = None, workspace: Path = Path(".")) -> IngestResult:
+    """Merge labelled wafers (default: every entry of the labelled inbox) into data.store and version data/.
+
+    Each entry is all or nothing: one bad wafer, a wafer without a mask, or a wafer id already in the store
+    (or in another entry) quarantines the whole entry with the reason. Merged entries move to data.ingested.
+    """
+    data = params.data
+    workspace = Path(workspace)
+    entries = [Path(s) for s in sources] if sources is not None else _inbox_entries(workspace / data.inbox)
+    result = IngestResult()
+    with dvc_lock(workspace, data.lock_timeout_s):
+        store = workspace / data.store
+        kept = list(WaferDataset(store).wafers(with_origin=True)) if (store / INDEX_FILE).is_file() else []
+        known = {(w.lot_id, w.wafer_id): w.source for w in kept}
+        added: list[Wafer] = []
+        for entry in entries:
+            wafers, problem = _labelled_wafers(entry, known)
+            if problem:
+                result.quarantined[str(entry)] = problem
+                _quarantine(entry, problem, workspace / data.quarantine)
+                continue
+            known.update({(w.lot_id, w.wafer_id): w.source for w in wafers})
+            added += wafers
+            result.merged.append(str(entry))
+        if added:
+            write_dataset([*kept, *added], store, params.dataset, params.seed)
+            _move_ingested(entries, result.merged, workspace / data.ingested)
+            lots = len({w.lot_id for w in added})
+            names = ", ".join(Path(m).name for m in result.merged)
+            result.wafers_added = len(added)
+            result.version = _version_locked(
+                data, f"data: ingest {len(added)} labelled wafers in {lots} lots from {names}", workspace, None)
+    for entry, problem in result.quarantined.items():
+        log.warning("quarantined %s: %s", entry, problem)
+    return result
+
+
+def _inbox_entries(inbox: Path) -> list[Path]:
+    if not inbox.is_dir():
+        return []
+    return sorted(entry for entry in inbox.iterdir() if not entry.name.startswith("."))
+
+
+def _labelled_wafers(entry: Path, known: dict[tuple[str, str], str]) -> tuple[list[Wafer], str | None]:
+    """Every wafer of one inbox entry, or the first reason to refuse the whole entry."""
+    try:
+        items = list(iter_source(entry))
+    except WaferError as error:
+        return [], str(error)
+    wafers = []
+    for item in items:
+        if isinstance(item, Rejected):
+            return [], f"{item.source}: {item.reason}"
+        key = (item.lot_id, item.wafer_id)
+        if item.mask is None:
+            return [], f"{item.source}: wafer {item.lot_id}/{item.wafer_id} has no die mask (labelled data needs " \
+                       "a `label` column or a .mask.npy)"
+        if key in known:
+            return [], f"wafer {item.lot_id}/{item.wafer_id} in {item.source} is already in the dataset from {known[key]}"
+        wafers.append(item)
+    if not wafers:
+        return [], f"{entry}: no wafers"
+    return wafers, None
+
+
+def _unique_destination(directory: Path, name: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    if target.exists() or target.is_symlink():
+        target = directory / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{name}"
+    return target
+
+
+def _quarantine(entry: Path, problem: str, quarantine: Path) -> None:
+    target = _unique_destination(quarantine, entry.name)
+    if entry.exists() or entry.is_symlink():
+        shutil.move(str(entry), target)
+    target.with_name(target.name + ".reason.txt").write_text(problem + "\n")
+
+
+def _move_ingested(entries: list[Path], merged: list[str], ingested: Path) -> None:
+    for entry in entries:
+        if str(entry) in merged and entry.exists():
+            shutil.move(str(entry), _unique_destination(ingested, entry.name))

@@ -2,12 +2,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.dataset import SPLITS, WaferDataset, assign_splits, dataset_stats, write_dataset
+from pipeline.dataset import SPLITS, WaferDataset, assign_splits, dataset_stats, merge_datasets, write_dataset
 from pipeline.params import DatasetParams, SplitParams
 from pipeline.wafer import WaferError, validate_wafer
 
 
-def _wafers(n_lots=12, per_lot=3, seed=0):
+def _wafers(n_lots=12, per_lot=3, seed=0, prefix="L"):
     rng = np.random.default_rng(seed)
     for lot in range(n_lots):
         shape = (int(rng.integers(5, 12)), int(rng.integers(5, 12)))
@@ -15,7 +15,7 @@ def _wafers(n_lots=12, per_lot=3, seed=0):
             wafer_map = rng.integers(1, 3, size=shape).astype(np.uint8)
             wafer_map[0, 0] = 0
             mask = np.where(wafer_map == 2, rng.integers(0, 5, size=shape), 0).astype(np.uint8)
-            yield validate_wafer(f"L{lot:03d}", f"{w:02d}", wafer_map, mask)
+            yield validate_wafer(f"{prefix}{lot:03d}", f"{w:02d}", wafer_map, mask)
 
 
 def test_round_trip_and_index(tmp_path):
@@ -88,19 +88,30 @@ def test_not_a_dataset(tmp_path):
         WaferDataset(tmp_path)
 
 
-def test_ingest_cli_turns_a_labelled_die_table_into_a_dataset(tmp_path):
+def test_split_cli_merges_synthetic_and_real_labelled_sets_and_refuses_a_wafer_in_both(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from pipeline import io
     from pipeline.cli import app
+    from pipeline.params import DatasetParams
 
-    wafers = list(_wafers(n_lots=4))
-    io.write_die_table(wafers, tmp_path / "labelled.parquet")
+    monkeypatch.chdir(tmp_path)
+    synthetic, real = list(_wafers(n_lots=4)), list(_wafers(n_lots=3, prefix="REAL"))
+    write_dataset(synthetic, tmp_path / "build" / "synthetic", DatasetParams(), seed=0)
     (tmp_path / "params.yaml").write_text("seed: 2\n")
-    result = CliRunner().invoke(app, ["ingest", str(tmp_path / "labelled.parquet"), "--out", str(tmp_path / "ds"),
-                                      "--params", str(tmp_path / "params.yaml")])
+    result = CliRunner().invoke(app, ["split"])  # no real labelled data yet: the synthetic set alone
     assert result.exit_code == 0, result.output
-    stored = {(w.lot_id, w.wafer_id): w for w in WaferDataset(tmp_path / "ds").wafers()}
-    assert len(stored) == len(wafers)
-    for wafer in wafers:
+    assert len(WaferDataset(tmp_path / "build" / "dataset")) == len(synthetic)
+
+    write_dataset(real, tmp_path / "data" / "labelled", DatasetParams(), seed=0)
+    assert CliRunner().invoke(app, ["split"]).exit_code == 0
+    merged = WaferDataset(tmp_path / "build" / "dataset")
+    stored = {(w.lot_id, w.wafer_id): w for w in merged.wafers()}
+    assert len(stored) == len(synthetic) + len(real)
+    for wafer in real:
         np.testing.assert_array_equal(stored[wafer.lot_id, wafer.wafer_id].mask, wafer.mask)
+    assert set(merged.index.groupby("lot_id")["split"].nunique()) == {1}  # a lot never spans two splits
+
+    write_dataset(real + synthetic[:1], tmp_path / "data" / "labelled", DatasetParams(), seed=0)
+    with pytest.raises(WaferError, match="duplicate wafer in dataset input.*also in"):
+        merge_datasets([tmp_path / "build" / "synthetic", tmp_path / "data" / "labelled"],
+                       tmp_path / "out", DatasetParams(), seed=0)

@@ -4,6 +4,7 @@ import json
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -25,7 +26,7 @@ def tiny(tmp_path_factory):
         "dataset": {"dir": str(root / "data")},
         "model": {"width": 0.0625, "dropout": 0.1},
         "train": {"epochs": 3, "batch_wafers": 16, "lr": 0.003, "checkpoint_dir": str(root / "ckpt"),
-                  "reports_dir": str(root / "reports"), "early_stop_patience": 10},
+                  "model_out": str(root / "model.pt"), "reports_dir": str(root / "reports"), "early_stop_patience": 10},
         "registry": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_dir": str(root / "artifacts"),
                      "system_metrics": False},
     })
@@ -121,3 +122,18 @@ def test_evaluate_stage_matches_the_logged_test_metrics(tiny, monkeypatch):
     assert written["model"] == f"wafer-fcn8s/{summary['model_version']}"
     assert np.array(written["confusion"]).sum() == sum(w.n_dies for w in WaferDataset(params.dataset.dir).wafers("test"))
     assert (out / "confusion_test.png").stat().st_size > 0 and (out / "overlays_test.png").stat().st_size > 0
+
+
+def test_train_stage_writes_the_model_curve_and_metrics_dvc_reads(tiny, monkeypatch):
+    root, params = tiny
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    summary = json.loads((params.train.reports_dir / "train_summary.json").read_text())
+    history = pd.read_csv(params.train.reports_dir / "history.csv")
+    assert list(history["epoch"]) == list(range(1, summary["epochs_run"] + 1))
+    assert {"train_loss", "val_miou", "val_defect_miou"} <= set(history.columns)
+    metrics = json.loads((params.train.reports_dir / "metrics.json").read_text())
+    assert metrics["test"]["miou"] == pytest.approx(summary["test_miou"], abs=1e-6)
+    assert set(metrics["test"]["iou"]) == {"background", "ring", "scratch", "local_zone", "circle"}
+    # the saved model is the selected one: it scores exactly what the run logged
+    evaluated = evaluate_model_on(str(params.train.model_out), params.dataset.dir, "test", root / "ev", params)
+    assert evaluated["miou"] == pytest.approx(summary["test_miou"])

@@ -1,0 +1,219 @@
+"""Labelled data under DVC, run for real in temporary git repositories: versions, ingest, locks, repro."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import io, synth
+from pipeline.dataset import WaferDataset
+from pipeline.params import parse_params
+from pipeline.versioning import (STORE_README, VersioningError, dvc_lock, dvc_md5, ingest, restore_data,
+                                 version_data)
+
+PROJECT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _run(cwd: Path, *command: str) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, f"{' '.join(command)}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return _run(cwd, "git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args)
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    return _run(cwd, sys.executable, "-m", "dvc", *args)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A git work tree with DVC initialised and a local remote, like the project's own."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    _git(root, "init", "-q")
+    (root / ".gitignore").write_text("/data/\n/inbox/\n/build/\n")
+    _dvc(root, "init", "-q")
+    _dvc(root, "remote", "add", "-d", "local", str(tmp_path / "remote"))
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "init")
+    return root
+
+
+def _params(**data):
+    return parse_params({"synth": {"wafers_per_lot": 3}, "data": {"lock_timeout_s": 5}, **data})
+
+
+def _wafers(seed: int, n: int = 6, prefix: str = "LOT"):
+    params = _params(synth={"wafers_per_lot": 3, "lot_prefix": prefix})
+    return list(synth.generate(params.synth, seed=seed, n=n))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_add_push_and_checkout_of_an_older_version_restores_it_byte_for_byte(repo):
+    params = _params()
+    io.write_npy_lots(_wafers(1), repo / "inbox" / "labelled" / "first")
+    first = ingest(params, workspace=repo)
+    old_files = _files(repo / "data")
+    io.write_npy_lots(_wafers(2, prefix="NEW"), repo / "inbox" / "labelled" / "second")
+    second = ingest(params, workspace=repo)
+    assert second.version.md5 != first.version.md5
+    assert _files(repo / "data") != old_files
+
+    log = _git(repo, "log", "--format=%H %s", "--", "data.dvc").splitlines()
+    assert [line.split(" ", 1)[0] for line in log] == [second.version.commit, first.version.commit]
+    assert all("ingest 6 labelled wafers in 2 lots" in line for line in log)
+
+    shutil.rmtree(repo / ".dvc" / "cache")  # the old version must come back from the remote
+    _git(repo, "checkout", first.version.commit, "--", "data.dvc")
+    _dvc(repo, "pull", "--force", "data.dvc")
+    assert _files(repo / "data") == old_files
+    assert dvc_md5(params.data, repo) == first.version.md5
+
+
+def test_ingest_merges_good_entries_and_quarantines_bad_ones_whole(repo):
+    params = _params()
+    inbox = repo / "inbox" / "labelled"
+    good = _wafers(3)
+    io.write_npy_lots(good, inbox / "good_lots")
+    io.write_die_table(_wafers(4, prefix="TAB"), inbox / "table.parquet")
+    io.write_die_table(good[:1], inbox / "late_clash.csv")  # a wafer the good lots already bring
+    io.write_die_table([replace(w, mask=None) for w in _wafers(5, prefix="NOMASK")], inbox / "unlabelled.csv")
+    bad = inbox / "bad_lot"
+    io.write_npy_lots(_wafers(6, prefix="BAD"), bad)
+    np.save(next(bad.rglob("*.mask.npy")), np.full((3, 3), 9, dtype=np.uint8))
+
+    result = ingest(params, workspace=repo)
+
+    assert sorted(Path(m).name for m in result.merged) == ["good_lots", "table.parquet"]
+    assert result.wafers_added == 12
+    assert set(Path(q).name for q in result.quarantined) == {"late_clash.csv", "unlabelled.csv", "bad_lot"}
+    clash = result.quarantined[str(inbox / "late_clash.csv")]
+    assert "already in the dataset from" in clash and "good_lots" in clash and "late_clash.csv" in clash
+    assert "no die mask" in result.quarantined[str(inbox / "unlabelled.csv")]
+    stored = WaferDataset(repo / params.data.store)
+    assert len(stored) == 12 and not stored.index["lot_id"].str.startswith(("BAD", "NOMASK")).any()
+    # nothing is lost: each entry is now merged (ingested/) or quarantined, with its reason beside it
+    assert not any(inbox.iterdir())
+    assert sorted(p.name for p in (repo / "inbox" / "ingested").iterdir()) == ["good_lots", "table.parquet"]
+    quarantine = repo / "inbox" / "quarantine"
+    assert (quarantine / "bad_lot").is_dir() and "bad_lot" in (quarantine / "bad_lot.reason.txt").read_text()
+    assert result.version.md5 == dvc_md5(params.data, repo)
+
+
+def test_a_lock_held_by_another_process_gives_a_clear_message(repo):
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from pipeline.versioning import dvc_lock
+        with dvc_lock(Path({str(repo)!r}), 5):
+            print("held", flush=True)
+            time.sleep(30)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        params = _params(data={"lock_timeout_s": 0.5})
+        with pytest.raises(VersioningError, match=rf"locked by another process \(pid {holder.pid}\); waited 0.5 s"):
+            version_data(params.data, "never", repo)
+    finally:
+        holder.kill()
+        holder.wait()
+    with dvc_lock(repo, 5):  # released with its holder: the next one gets it at once
+        pass
+
+
+def test_push_to_an_unreachable_remote_fails_clearly_and_the_next_run_pushes(repo, tmp_path):
+    params = _params()
+    (repo / "data" / "labelled").mkdir(parents=True)
+    (repo / "data" / "labelled" / "x.txt").write_text("x")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    _dvc(repo, "remote", "modify", "local", "url", str(blocker / "remote"))
+    with pytest.raises(VersioningError, match="was not pushed to DVC remote 'local'.*The next run pushes it"):
+        version_data(params.data, "data: x", repo)
+    assert "data: x" in _git(repo, "log", "-1", "--format=%s", "--", "data.dvc")  # recorded locally
+    _dvc(repo, "remote", "modify", "local", "url", str(tmp_path / "remote2"))
+    version_data(params.data, "data: x", repo)
+    assert any((tmp_path / "remote2").rglob("*")), "the retry pushed nothing"
+
+
+def test_a_fresh_clone_restores_the_empty_store_but_never_invents_a_missing_version(repo, tmp_path):
+    params = _params()
+    (repo / "data").mkdir()
+    (repo / "data" / "README.md").write_text(STORE_README)
+    version_data(params.data, "data: start", repo)
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "-q", str(repo), str(clone))
+    _dvc(clone, "remote", "modify", "local", "url", str(tmp_path / "empty-remote"))
+    assert restore_data(params.data, clone) == "created"
+    assert (clone / "data" / "README.md").read_text() == STORE_README
+
+    (repo / "data" / "README.md").write_text("something else")
+    version_data(params.data, "data: changed", repo)
+    other = tmp_path / "other"
+    _git(tmp_path, "clone", "-q", str(repo), str(other))
+    _dvc(other, "remote", "modify", "local", "url", str(tmp_path / "empty-remote"))
+    tracked = (other / "data.dvc").read_text()
+    with pytest.raises(VersioningError, match="dvc pull"):
+        restore_data(params.data, other)
+    assert (other / "data.dvc").read_text() == tracked and not (other / "data").exists()
+
+
+@pytest.fixture(scope="module")
+def pipeline_repo(tmp_path_factory):
+    """The project's dvc.yaml and a tiny params.yaml in a fresh git work tree, reproduced once."""
+    root = tmp_path_factory.mktemp("dvcrepro") / "project"
+    root.mkdir()
+    shutil.copy(PROJECT / "dvc.yaml", root)
+    shutil.copytree(PROJECT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    params["synth"].update(n_wafers=60, wafers_per_lot=5)
+    params["model"]["width"] = 0.0625
+    params["train"].update(epochs=1, batch_wafers=16, device="cpu")
+    params["registry"]["system_metrics"] = False
+    params["preview"]["n_wafers"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".gitignore").write_text((PROJECT / ".gitignore").read_text())
+    _git(root, "init", "-q")
+    _dvc(root, "init", "-q")
+    _dvc(root, "remote", "add", "-d", "local", str(root.parent / "remote"))
+    io.write_npy_lots(_wafers(9, n=6, prefix="INBOX"), root / "inbox" / "lots")
+    restore_data(parse_params(params).data, root)
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "project")
+    first = _dvc(root, "repro")
+    return root, first
+
+
+def test_dvc_repro_runs_every_stage_then_does_nothing(pipeline_repo):
+    root, first = pipeline_repo
+    for stage in ("generate", "split", "train", "evaluate", "infer"):
+        assert f"Running stage '{stage}'" in first
+    metrics = _dvc(root, "metrics", "show", "--json")
+    assert '"miou"' in metrics and '"defect_miou"' in metrics
+    again = _dvc(root, "repro")
+    assert "Running stage" not in again and "Data and pipelines are up to date" in again
+
+
+def test_a_train_param_change_reruns_only_train_and_later_stages(pipeline_repo):
+    root, _ = pipeline_repo
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["lr"] = params["train"]["lr"] * 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rerun = _dvc(root, "repro")
+    ran = {stage for stage in ("generate", "split", "train", "evaluate", "infer") if f"Running stage '{stage}'" in rerun}
+    assert ran == {"train", "evaluate", "infer"}
