@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ from pipeline.params import Params
 from pipeline.predict import predict_wafers
 from pipeline.registry import load_model
 from pipeline.train import select_device
-from pipeline.wafer import Wafer, WaferError, check_id
+from pipeline.wafer import CLASS_NAMES, Wafer, WaferError, check_id
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class InferSummary:
     skipped: int = 0  # wafers of lots already reported by this model version
     lots_reported: int = 0
     lots_skipped: int = 0
+    reported_lots: list[str] = field(default_factory=list)
     seconds: float = 0.0
     class_mix: dict[str, int] = field(default_factory=dict)
 
@@ -129,6 +130,15 @@ def chunks_of_lots(lots: Iterator[Lot], min_wafers: int) -> Iterator[list[Lot]]:
         yield chunk
 
 
+def _read_sources(sources: Sequence[Path]) -> Iterator[Wafer | Rejected]:
+    """Every item of every source; a source that cannot be opened at all becomes one Rejected."""
+    for source in sources:
+        try:
+            yield from iter_source(source)
+        except WaferError as error:
+            yield Rejected.from_error(error)
+
+
 def _write_unassigned(out: Path, rejected: list[Rejected]) -> None:
     frame = pd.DataFrame([r.__dict__ for r in rejected], columns=["lot_id", "wafer_id", "source", "reason"])
     staging = out / f".{UNASSIGNED_QUARANTINE}.tmp"
@@ -136,8 +146,12 @@ def _write_unassigned(out: Path, rejected: list[Rejected]) -> None:
     staging.replace(out / UNASSIGNED_QUARANTINE)
 
 
-def infer(source: Path, out: Path, params: Params, model_uri: str | None = None, force: bool = False) -> InferSummary:
-    """The `infer` stage: predict every lot of `source` with the model and write per-lot reports to `out`."""
+def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: str | None = None, force: bool = False,
+          index: bool = True) -> InferSummary:
+    """The `infer` stage: predict every lot of `source` (one source or several) with the model and write
+    per-lot reports to `out`, then the cross-lot index unless `index` is False (callers running several
+    `infer` at once on one `out` write it once at the end)."""
+    sources = [Path(source)] if isinstance(source, (str, Path)) else [Path(s) for s in source]
     started = time.perf_counter()
     device = select_device(params.train.device)
     amp, channels_last = params.infer.amp, params.infer.channels_last
@@ -155,11 +169,12 @@ def infer(source: Path, out: Path, params: Params, model_uri: str | None = None,
         if reported:
             summary.reported += len(lot.wafers)
             summary.lots_reported += 1
+            summary.reported_lots.append(lot.lot_id)
         else:
             summary.skipped += len(lot.wafers)
             summary.lots_skipped += 1
 
-    lots = group_lots(read_ahead(iter_source(source), params.infer.read_ahead_wafers), unassigned)
+    lots = group_lots(read_ahead(_read_sources(sources), params.infer.read_ahead_wafers), unassigned)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="waferseg-writer") as writer, Progress(
         TextColumn("inferring"), BarColumn(), MofNCompleteColumn(), TextColumn("lots"), TimeElapsedColumn()
     ) as progress:
@@ -188,8 +203,10 @@ def infer(source: Path, out: Path, params: Params, model_uri: str | None = None,
             future.result()
     summary.read += len(unassigned)
     summary.quarantined += len(unassigned)
-    _write_unassigned(out, unassigned)
-    report.write_index(out)
+    if unassigned or index:
+        _write_unassigned(out, unassigned)
+    if index:
+        report.write_index(out)
     summary.seconds = time.perf_counter() - started
     summary.class_mix = class_mix(out)
     log.info("%d wafers read: %d reported, %d quarantined, %d skipped (already reported by %s) in %.1f s "
@@ -198,12 +215,24 @@ def infer(source: Path, out: Path, params: Params, model_uri: str | None = None,
     return summary
 
 
+def lot_pattern_counts(out: Path, lot_ids: Iterable[str] | None = None) -> pd.DataFrame:
+    """Per lot: its wafers and how many have each dominant pattern, from the lot reports under `out`."""
+    paths = sorted(out.glob(f"*/{report.WAFERS_CSV}")) if lot_ids is None else [
+        out / lot / report.WAFERS_CSV for lot in lot_ids]
+    frames = [pd.read_csv(path, usecols=["lot_id", "dominant_class"], dtype=str) for path in paths if path.is_file()]
+    patterns = [*CLASS_NAMES[1:], report.NO_PATTERN]
+    if not frames:
+        return pd.DataFrame(columns=["wafers", *patterns], dtype="int64").rename_axis("lot_id")
+    wafers = pd.concat(frames)
+    table = pd.crosstab(wafers["lot_id"], wafers["dominant_class"]).reindex(columns=patterns, fill_value=0)
+    table.insert(0, "wafers", table.sum(axis=1))
+    return table
+
+
 def class_mix(out: Path) -> dict[str, int]:
     """Wafers per dominant class over every lot report under `out`."""
-    frames = [pd.read_csv(path, usecols=["dominant_class"]) for path in out.glob("*/wafers.csv")]
-    if not frames:
-        return {}
-    return pd.concat(frames)["dominant_class"].value_counts().sort_index().to_dict()
+    totals = lot_pattern_counts(out).drop(columns="wafers").sum()
+    return {name: int(count) for name, count in sorted(totals.items()) if count}
 
 
 def seed_inbox(source: Path, inbox: Path) -> int:
@@ -225,3 +254,8 @@ def seed_inbox(source: Path, inbox: Path) -> int:
     log.info("seeded %s with %d wafers in %d lots from %s", inbox, len(wafers), len({w.lot_id for w in wafers}),
              source)
     return len(wafers)
+
+
+def inbox_sources(inbox: Path) -> list[Path]:
+    """Each lot directory or wafer file of an inbox, by name: the units `infer` can be fanned out over."""
+    return sorted(entry for entry in Path(inbox).iterdir() if not entry.name.startswith("."))

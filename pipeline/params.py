@@ -310,6 +310,19 @@ class ReportParams(Section):
     gap_px: int = Field(1, ge=0)
 
 
+class FlowParams(Section):
+    """The Prefect flows (flows/): where an empty lots inbox is filled from, and task retries and timeouts."""
+
+    seed_lots: Path | None = Path("../shared/data/wm811k/unlabeled_lots.parquet")
+    retries: int = Field(2, ge=0)  # for I/O and registry tasks; training is not retried
+    retry_delay_s: float = Field(5.0, ge=0)
+    io_timeout_s: float = Field(900.0, gt=0)
+    train_timeout_s: float = Field(7200.0, gt=0)
+    infer_timeout_s: float = Field(7200.0, gt=0)
+    dask_address: str | None = None  # infer_lots --runner dask: an existing scheduler, else a LocalCluster
+    dask_workers: int = Field(2, gt=0)
+
+
 class Profile(Section):
     """Overrides merged onto the base sections when the profile is active (base = the CPU setting)."""
 
@@ -334,6 +347,7 @@ class Params(Section):
     registry: RegistryParams = RegistryParams()
     infer: InferParams = InferParams()
     report: ReportParams = ReportParams()
+    flow: FlowParams = FlowParams()
     profiles: dict[ProfileName, Profile] = {"cpu": Profile(), "gpu": Profile()}
 
     @model_validator(mode="after")

@@ -77,9 +77,19 @@ class GateDecision:
 
 def current_champion(name: str) -> str | None:
     try:
-        return MlflowClient().get_model_version_by_alias(name, CHAMPION).version
+        return str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
         return None
+
+
+def champion_dataset(name: str) -> str | None:
+    """The content hash of the dataset the current champion was trained on (None: no champion)."""
+    version = current_champion(name)
+    if version is None:
+        return None
+    client = MlflowClient()
+    run_id = client.get_model_version(name, version).run_id
+    return client.get_run(run_id).data.params.get("dataset.content_hash")
 
 
 def gate(name: str, version: str, challenger_miou: float, champion_miou_on_this_split) -> GateDecision:

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.html"
+WAFERS_CSV = "wafers.csv"
 INDEX_FILE = "index.html"
 MASK_DIR = "masks"
 MANIFEST_SCHEMA = 1
@@ -359,7 +360,7 @@ def _build_lot(directory: Path, lot_id: str, wafers: Sequence[Wafer], masks: Seq
     table = wafer_table(wafers, masks, model_version, infer.min_pattern_dies)
     summary = summary_table(lot_id, table, infer.min_pattern_dies)
     quarantine = quarantine_table(lot_id, quarantined)
-    table.to_csv(directory / "wafers.csv", index=False)
+    table.to_csv(directory / WAFERS_CSV, index=False)
     table.to_parquet(directory / "wafers.parquet", index=False)
     summary.to_csv(directory / "summary.csv", index=False)
     quarantine.to_csv(directory / "quarantine.csv", index=False)

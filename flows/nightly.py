@@ -1,0 +1,173 @@
+"""The nightly pipeline as one Prefect flow; every task is one call into `pipeline`.
+
+prepare the workspace -> ingest labelled data (DVC-versioned) -> synthetic set -> training set -> train,
+evaluate, register and gate (skipped when the data is unchanged and a champion exists) -> infer every new
+lot of the inbox -> Prefect artifacts. `python -m flows.nightly` runs it once on Prefect's ephemeral API.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+
+from pipeline import dataset, infer, registry, synth, train, versioning
+from pipeline.params import Params, load_params, resolve_profile
+
+DVC_LIMIT = "dvc"  # a global concurrency limit of 1: one task at a time does DVC work
+
+
+def ensure_dvc_limit() -> None:
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(DVC_LIMIT)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=DVC_LIMIT, limit=1))
+
+
+@task(name="prepare-workspace", tags=["dvc", "io"])
+def prepare_workspace(params: Params) -> dict:
+    with concurrency(DVC_LIMIT, occupy=1):
+        data = versioning.restore_data(params.data)
+    seeded = infer.seed_inbox(params.flow.seed_lots, params.infer.inbox) if params.flow.seed_lots else 0
+    return {"data": data, "inbox_seeded_wafers": seeded}
+
+
+@task(name="ingest-labelled", tags=["dvc", "io"])
+def ingest_labelled(params: Params) -> versioning.IngestResult:
+    with concurrency(DVC_LIMIT, occupy=1):
+        return versioning.ingest(params)
+
+
+@task(name="generate-synthetic", tags=["io"])
+def generate_synthetic(params: Params) -> int:
+    """The synthetic labelled set, generated once per settings (it is deterministic in the seed)."""
+    existing = params.dataset.synthetic_dir / dataset.INDEX_FILE
+    if existing.is_file():
+        return 0
+    wafers = synth.generate(params.synth, seed=params.seed)
+    return len(dataset.write_dataset(wafers, params.dataset.synthetic_dir, params.dataset, params.seed))
+
+
+@task(name="build-training-set", tags=["io"])
+def build_training_set(params: Params) -> str:
+    dataset.merge_datasets([params.dataset.synthetic_dir, params.data.store], params.dataset.dir, params.dataset,
+                           params.seed)
+    return versioning.dataset_version(params.dataset.dir)
+
+
+@task(name="champion-dataset", tags=["registry"])
+def champion_dataset(params: Params) -> str | None:
+    registry.configure(params.registry)
+    return registry.champion_dataset(params.registry.model_name)
+
+
+@task(name="train-evaluate-register", tags=["gpu"])
+def train_evaluate_register(params: Params) -> dict:
+    return train.train_and_register(params, params.dataset.dir)
+
+
+@task(name="infer-inbox", tags=["io"])
+def infer_inbox(params: Params) -> infer.InferSummary:
+    return infer.infer(params.infer.inbox, params.infer.out, params)
+
+
+@task(name="publish-artifacts")
+def publish_artifacts(params: Params, dataset_md5: str | None, trained: dict | None, champion: str | None,
+                      inferred: infer.InferSummary) -> None:
+    counts = infer.lot_pattern_counts(params.infer.out, inferred.reported_lots)
+    create_markdown_artifact(key="nightly-summary", markdown=summary_markdown(
+        params, dataset_md5, trained, champion, inferred), description="waferseg nightly run")
+    if len(counts):
+        create_table_artifact(key="lot-patterns", table=counts.reset_index().to_dict(orient="records"),
+                              description="wafers per dominant pattern, per lot reported in this run")
+    for lot_id in inferred.reported_lots:
+        create_link_artifact(key=_artifact_key(lot_id),
+                             link=(params.infer.out / lot_id / "report.html").resolve().as_uri(),
+                             link_text=f"lot {lot_id} report")
+
+
+def _artifact_key(lot_id: str) -> str:
+    """Prefect keys allow lowercase letters, digits and dashes only."""
+    return "lot-" + "".join(c if c.isalnum() else "-" for c in lot_id.lower())
+
+
+def summary_markdown(params: Params, dataset_md5: str | None, trained: dict | None, champion: str | None,
+                     inferred: infer.InferSummary) -> str:
+    if trained:
+        model = (f"trained model version **{trained['model_version']}** (run `{trained['run_id']}`): test mIoU "
+                 f"{trained['test_miou']:.4f}, defect mIoU {trained['test_defect_miou']:.4f}\n\n"
+                 f"gate: {trained['gate']}")
+    else:
+        model = f"training skipped: no new data since champion version **{champion}** was trained"
+    mix = ", ".join(f"{name} {count}" for name, count in inferred.class_mix.items()) or "none yet"
+    return (f"# waferseg nightly ({params.profile} profile)\n\n"
+            f"- labelled data version (DVC md5 of `{params.data.root}/`): `{dataset_md5}`\n- {model}\n"
+            f"- inference with `{inferred.model_version}`: {inferred.read} wafers read, {inferred.reported} reported "
+            f"in {inferred.lots_reported} lots, {inferred.quarantined} quarantined, {inferred.skipped} already "
+            f"reported\n- dominant patterns over all reports: {mix}\n"
+            f"- index: {(params.infer.out / 'index.html').resolve().as_uri()}\n")
+
+
+@flow(name="waferseg-nightly", log_prints=False)
+def nightly(params_path: Path = Path("params.yaml"), profile: str | None = None,
+            skip_training_without_new_data: bool = True) -> dict:
+    """Ingest, version, train and gate, then report every new lot. With skip_training_without_new_data,
+    training runs only when the training set differs from the champion's (or there is no champion)."""
+    logger = get_run_logger()
+    params = resolve_profile(load_params(params_path), profile)
+    flow_params = params.flow
+    io_options = {"retries": flow_params.retries, "retry_delay_seconds": flow_params.retry_delay_s,
+                  "timeout_seconds": flow_params.io_timeout_s}
+    ensure_dvc_limit()
+
+    prepared = prepare_workspace.with_options(**io_options)(params)
+    ingested = ingest_labelled.with_options(**io_options)(params)
+    generate_synthetic.with_options(**io_options)(params)
+    training_set = build_training_set.with_options(**io_options)(params)
+    champion_data = champion_dataset.with_options(**io_options)(params)
+    dataset_md5 = versioning.dvc_md5(params.data)
+
+    trained = None
+    if skip_training_without_new_data and champion_data == training_set:
+        logger.info("training set %s unchanged since the champion was trained: skipping training", training_set)
+    else:
+        trained = train_evaluate_register.with_options(timeout_seconds=flow_params.train_timeout_s)(params)
+    inferred = infer_inbox.with_options(retries=flow_params.retries, retry_delay_seconds=flow_params.retry_delay_s,
+                                        timeout_seconds=flow_params.infer_timeout_s)(params)
+    registry.configure(params.registry)
+    champion = registry.current_champion(params.registry.model_name)
+    publish_artifacts(params, dataset_md5, trained, champion, inferred)
+    return {"profile": params.profile, "workspace": prepared, "ingested_wafers": ingested.wafers_added,
+            "quarantined_sources": ingested.quarantined, "dataset_md5": dataset_md5, "training_set": training_set,
+            "trained": trained, "champion_version": champion, "tracking_uri": registry.tracking_uri(params.registry),
+            "inferred": {"read": inferred.read, "reported": inferred.reported, "lots_reported": inferred.lots_reported,
+                         "quarantined": inferred.quarantined, "skipped": inferred.skipped},
+            "index": str((params.infer.out / "index.html").resolve())}
+
+
+def main(params_path: Path = typer.Option(Path("params.yaml"), "--params"),
+         profile: str = typer.Option(None, "--profile"),
+         always_train: bool = typer.Option(False, "--always-train", help="Train even when the data is unchanged.")):
+    """Run the nightly flow once (Prefect's ephemeral API unless PREFECT_API_URL points at a server)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = nightly(params_path, profile, skip_training_without_new_data=not always_train)
+    trained = result["trained"]
+    print(f"MLflow: {result['tracking_uri']}"
+          + (f" run {trained['run_id']}" if trained else " (no new run: training skipped)")
+          + f"  (browse: mlflow ui --backend-store-uri {result['tracking_uri']})")
+    print(f"champion: models:/{load_params(params_path).registry.model_name}@champion = version "
+          f"{result['champion_version']}")
+    print(f"reports: {result['inferred']['reported']} wafers in {result['inferred']['lots_reported']} lots "
+          f"reported, {result['inferred']['skipped']} already current; index: {result['index']}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
