@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from pipeline import distributed
 from pipeline.dataset import WaferDataset
 from pipeline.evaluate import evaluate_model, evaluate_split, headline_metrics
 from pipeline.model import autocast_context, build_model
@@ -149,7 +150,7 @@ def fit(
 ) -> TrainResult:
     """Train params.model on the dataset's train split, selecting the epoch with the best val mIoU."""
     tp = params.train
-    device = select_device(tp.device)
+    group, device = distributed.join(select_device(tp.device))
     amp = use_amp(tp, device)
     torch.manual_seed(params.seed)
     model = build_model(params.model).to(device)
@@ -160,7 +161,7 @@ def fit(
     if not train_wafers or not val_wafers:
         raise ValueError(f"{dataset.root}: training needs wafers in both train and val splits")
     shapes = [w.shape for w in train_wafers]
-    steps_per_epoch = len(bucket_batches(shapes, tp.batch_wafers))
+    steps_per_epoch = len(distributed.my_batches(bucket_batches(shapes, tp.batch_wafers), group))
     total_steps = steps_per_epoch * tp.epochs
     optimizer = make_optimizer(model, tp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_lr(step, total_steps, tp.poly_power))
@@ -172,7 +173,8 @@ def fit(
         log.info("resumed from %s after epoch %d", checkpoint, state.epoch)
     elif resume:
         log.warning("--resume: no checkpoint at %s, starting from scratch", checkpoint)
-    if on_start:
+    network = distributed.wrap(model, group, device)  # the module that trains; `model` holds its weights
+    if on_start and group.is_main:
         on_start(state)
     log.info("training %s width %.3g on %s (amp=%s): %d train / %d val wafers, %d steps per epoch",
              params.model.arch, params.model.width, device, amp, len(train_wafers), len(val_wafers),
@@ -192,15 +194,15 @@ def fit(
             rng = np.random.default_rng([params.seed, epoch])
             progress.reset(task, total=steps_per_epoch, epoch=epoch, loss=math.nan,
                            miou=state.history[-1]["val_miou"] if state.history else math.nan)
-            model.train()
+            network.train()
             started, loss_sum, seen = time.perf_counter(), 0.0, 0
-            for batch in bucket_batches(shapes, tp.batch_wafers, rng):
+            for batch in distributed.my_batches(bucket_batches(shapes, tp.batch_wafers, rng), group):
                 maps, targets = training_batch([train_wafers[i] for i in batch])
                 if tp.augment:
                     maps, targets = augment_batch(maps, targets)
                 targets = targets.to(device, non_blocking=True)
                 with autocast_context(device, training=True, enabled=amp):
-                    logits = model(model_input(maps, device, tp.channels_last))
+                    logits = network(model_input(maps, device, tp.channels_last))
                 loss = F.cross_entropy(logits.float(), targets, weight=weights, ignore_index=IGNORE_INDEX)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -223,8 +225,9 @@ def fit(
             else:
                 state.epochs_since_best += 1
             progress.update(task, miou=record["val_miou"])
-            save_checkpoint(checkpoint, model, optimizer, scheduler, state, params)
-            if on_epoch:
+            if group.is_main:
+                save_checkpoint(checkpoint, model, optimizer, scheduler, state, params)
+            if on_epoch and group.is_main:
                 on_epoch(epoch, record)
             log.info("epoch %d: loss %.4f, val mIoU %.4f (best %.4f @ %d)", epoch, record["train_loss"],
                      record["val_miou"], state.best_miou, state.best_epoch)
@@ -268,6 +271,9 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
     from pipeline.versioning import dataset_version, dvc_md5
 
     dataset = WaferDataset(dataset_dir)
+    if not distributed.from_env().is_main:  # other torchrun ranks train alongside rank 0, which alone records
+        fit(params, dataset, resume=resume)
+        return {}
     out_dir = Path(out_dir or params.train.reports_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     registry.configure(params.registry)

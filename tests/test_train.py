@@ -1,6 +1,8 @@
 """Training, MLflow tracking, resume and the champion gate, on a tiny dataset and a thin FCN-8s."""
 
 import json
+import os
+import socket
 
 import mlflow
 import numpy as np
@@ -137,3 +139,28 @@ def test_train_stage_writes_the_model_curve_and_metrics_dvc_reads(tiny, monkeypa
     # the saved model is the selected one: it scores exactly what the run logged
     evaluated = evaluate_model_on(str(params.train.model_out), params.dataset.dir, "test", root / "ev", params)
     assert evaluated["miou"] == pytest.approx(summary["test_miou"])
+
+
+def _ddp_rank(rank: int, world_size: int, port: int, params_json: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    params = Params.model_validate_json(params_json)
+    result = fit(params, WaferDataset(params.dataset.dir))
+    torch.save({"weights": result.model.state_dict(), "history": result.state.history}, f"{out}/rank{rank}.pt")
+
+
+def test_ddp_on_cpu_with_gloo_keeps_both_ranks_in_step(tiny, tmp_path):
+    """The torchrun code path, on CPU: 2 processes, gloo; each trains on half of the batches."""
+    root, params = tiny
+    params = _with_train(params, root, "ddp", epochs=1)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_rank, args=(2, port, params.model_dump_json(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, weight in ranks[0]["weights"].items():
+        torch.testing.assert_close(weight, ranks[1]["weights"][name], rtol=0, atol=0, msg=name)
+    assert (root / "ddp" / "last.pt").is_file()  # rank 0 wrote the checkpoint
+    alone = fit(params, WaferDataset(params.dataset.dir))  # all batches in one process: another result
+    assert any(not torch.equal(alone.model.state_dict()[n], w) for n, w in ranks[0]["weights"].items())
