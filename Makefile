@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # This machine's pip config lists local indexes; it warns once per package for the ones it skips.
 QUIET_PIP := { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: run test install install-dev browser clean
+.PHONY: run test install install-dev workspace browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,23 +20,24 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[dev]' 2>&1 | $(QUIET_PIP)
 	touch $@
 
-install: $(VENV)/.installed
+# A usable workspace: data/ restored from DVC (or the empty store started) and the lots inbox filled.
+workspace: $(VENV)/.installed
+	$(BIN)/waferseg init
+
+install: $(VENV)/.installed workspace
 install-dev: $(VENV)/.installed-dev
 
 # The report test renders report.html in Debian's headless Chromium.
 browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
-# The nightly job: data, a trained and gated model, and reports on the real WM-811K lots.
-REAL_LOTS ?= ../shared/data/wm811k/unlabeled_lots.parquet
-
+# The main job: the nightly Prefect flow, once, on Prefect's ephemeral API, MLflow on SQLite and the
+# local DVC remote. A second run with no new data skips training and reprocesses nothing.
 run: install
-	$(BIN)/waferseg generate --compare-real $(REAL_LOTS)
-	$(BIN)/waferseg train
-	$(BIN)/waferseg infer $(REAL_LOTS) --out reports/lots
+	$(BIN)/python -m flows.nightly
 
 test: install-dev browser
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) data/synthetic reports .pytest_cache
+	rm -rf $(VENV) build reports models checkpoints inbox .pytest_cache

@@ -137,7 +137,7 @@ def split(
 @app.command()
 def init(
     seed_lots: Annotated[Optional[Path], typer.Option(
-        "--seed-lots", help="Wafer source whose lots fill an empty lots inbox (e.g. real WM-811K lots).")] = None,
+        "--seed-lots", help="Wafer source whose lots fill an empty lots inbox (default: flow.seed_lots).")] = None,
     params_path: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
     """Prepare a workspace: restore data/ from DVC (or start the empty store) and fill the lots inbox."""
@@ -146,6 +146,7 @@ def init(
 
     params = _params(params_path)
     console.print(f"{params.data.root}/: {restore_data(params.data)}")
+    seed_lots = seed_lots or params.flow.seed_lots
     if seed_lots is not None:
         console.print(f"{params.infer.inbox}/: {seed_inbox(seed_lots, params.infer.inbox)} wafers seeded")
 

@@ -70,15 +70,13 @@ def test_nightly_ingests_trains_registers_and_reports_every_lot(first_run):
 
 def test_nightly_publishes_a_summary_a_pattern_table_and_report_links(first_run):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     def latest(key: str) -> dict:
-        # Prefect 3.8.8's own read_artifacts sends nulls this server version rejects: post the filter directly.
-        body = {"artifacts": {"key": {"any_": [key]}}, "flow_runs": {}, "task_runs": {}, "limit": 1, "offset": 0,
-                "sort": "CREATED_DESC"}
         with get_client(sync_client=True) as client:
-            found = client._client.post("/artifacts/filter", json=body).json()
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
         assert found, f"no artifact {key}"
-        return found[0]
+        return found[-1].model_dump()
 
     summary, table, link = (latest(key)["data"] for key in ("nightly-summary", "lot-patterns", "lot-real11-00001"))
     assert "gate: version 1 is champion" in summary and "DVC md5" in summary
