@@ -115,3 +115,17 @@ def test_split_cli_merges_synthetic_and_real_labelled_sets_and_refuses_a_wafer_i
     with pytest.raises(WaferError, match="duplicate wafer in dataset input.*also in"):
         merge_datasets([tmp_path / "build" / "synthetic", tmp_path / "data" / "labelled"],
                        tmp_path / "out", DatasetParams(), seed=0)
+
+
+def test_the_same_wafers_give_the_same_bytes_whenever_they_are_written(tmp_path, monkeypatch):
+    import time
+
+    from pipeline.versioning import dataset_version
+
+    wafers = list(_wafers(n_lots=3))
+    write_dataset(wafers, tmp_path / "a", DatasetParams(), seed=0)
+    later = time.localtime(time.time() + 3600)
+    monkeypatch.setattr(time, "localtime", lambda *args: later)  # zip members would carry this time
+    write_dataset(wafers, tmp_path / "b", DatasetParams(), seed=0)
+    assert dataset_version(tmp_path / "a") == dataset_version(tmp_path / "b")
+    assert [w.map.tolist() for w in WaferDataset(tmp_path / "b").wafers()] == [w.map.tolist() for w in wafers]
