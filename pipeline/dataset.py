@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.io import replace_directory
 from pipeline.params import DatasetParams, SplitParams
 from pipeline.wafer import CLASS_NAMES, Wafer, WaferError, validate_wafer, wafer_summary
 
@@ -98,9 +99,7 @@ def write_dataset(
         index = pd.DataFrame(rows)
         index.insert(2, "split", index["lot_id"].map(assign_splits(index["lot_id"], params.split, seed)))
         index.to_parquet(staging / INDEX_FILE, index=False)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        replace_directory(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -16,6 +16,8 @@ import logging
 import math
 import os
 import pickle
+import secrets
+import shutil
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,7 +44,8 @@ NPY_LOT, NPY_TREE, DIE_TABLE, WM811K_PICKLE, WM811K_CSV = (
     "npy_lot", "npy_tree", "die_table", "wm811k_pickle", "wm811k_csv",
 )
 
-MAX_MAP_SIDE = 4096  # dies per map side; larger maps are refused before anything is allocated
+MAX_MAP_SIDE = 4096  # default dies per map side; larger maps are refused before anything is allocated
+MAX_ITEM_BYTES = 8  # the widest integer: with the side limit, it bounds what one .npy file can allocate
 NPY_SUFFIX = ".npy"
 MASK_SUFFIX = ".mask.npy"
 PICKLE_SUFFIXES = (".pkl", ".pickle")
@@ -75,6 +78,9 @@ WM811K_LABELS: dict[str, str] = {
 _FAILURE_TYPE_OF_LABEL = {label: name for name, label in reversed(WM811K_LABELS.items())}
 
 PICKLE_PROBLEM = "pickles are only read when named explicitly (a pickle runs code); not opened"
+LINK_PROBLEM = "a symbolic link that leads out of its directory; not followed"
+EMPTY_FILE = "empty file (0 bytes)"
+NUMBER_PATTERN = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"  # text a die table may hold for a number
 NOT_A_WAFER_FILE = f"not a wafer file (expected <wafer_id>{NPY_SUFFIX} or <wafer_id>{MASK_SUFFIX})"
 
 
@@ -102,6 +108,8 @@ def source_kind(path: PathLike) -> str:
         return _directory_kind(path)
     if not path.is_file():
         raise WaferError(path, "no such file or directory")
+    if path.stat().st_size == 0:
+        raise WaferError(path, EMPTY_FILE)
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         return WM811K_PICKLE
@@ -117,16 +125,17 @@ def source_kind(path: PathLike) -> str:
     )
 
 
-def iter_source(path: PathLike) -> Iterator[Wafer | Rejected]:
-    """Lenient: every wafer of the source, each bad input as one Rejected with the reason."""
-    items = _read_items(Path(path), source_kind(path))
+def iter_source(path: PathLike, max_map_side: int = MAX_MAP_SIDE) -> Iterator[Wafer | Rejected]:
+    """Lenient: every wafer of the source, each bad input as one Rejected with the reason.
+    A map with more than `max_map_side` dies on a side is refused before it is allocated."""
+    items = _read_items(Path(path), source_kind(path), max_map_side)
     return (Rejected.from_error(item) if isinstance(item, WaferError) else item for item in items)
 
 
-def read_wafers(path: PathLike) -> list[Wafer]:
+def read_wafers(path: PathLike, max_map_side: int = MAX_MAP_SIDE) -> list[Wafer]:
     """Strict: every wafer of the source, or the WaferError of the first bad input."""
     wafers = []
-    for item in _read_items(Path(path), source_kind(path)):
+    for item in _read_items(Path(path), source_kind(path), max_map_side):
         if isinstance(item, WaferError):
             raise item
         wafers.append(item)
@@ -197,7 +206,7 @@ def write_wm811k_pickle(wafers: Iterable[Wafer], path: PathLike) -> None:
 # --- dispatch --------------------------------------------------------------------------------
 
 
-def _read_items(path: Path, kind: str) -> Iterator[Item]:
+def _read_items(path: Path, kind: str, max_side: int) -> Iterator[Item]:
     readers = {
         NPY_LOT: _read_npy_lot,
         NPY_TREE: _read_npy_tree,
@@ -206,7 +215,7 @@ def _read_items(path: Path, kind: str) -> Iterator[Item]:
         WM811K_CSV: _read_wm811k_csv,
     }
     wafers = rejected = 0
-    for item in readers[kind](path):
+    for item in readers[kind](path, max_side):
         if isinstance(item, WaferError):
             rejected += 1
             log.warning("rejected: %s", item)
@@ -216,14 +225,15 @@ def _read_items(path: Path, kind: str) -> Iterator[Item]:
     log.info("read %s (%s): %d wafers, %d rejected", path, kind, wafers, rejected)
 
 
-def _side_limit_problem(shape: tuple[int, ...]) -> str | None:
-    if max(shape, default=0) > MAX_MAP_SIDE or math.prod(shape) > MAX_MAP_SIDE**2:
-        return f"map shape {tuple(shape)} exceeds the limit of {MAX_MAP_SIDE} dies per side"
+def _side_limit_problem(shape: tuple[int, ...], max_side: int) -> str | None:
+    if max(shape, default=0) > max_side or math.prod(shape) > max_side**2:
+        return f"map shape {tuple(shape)} exceeds the limit of {max_side} dies per side"
     return None
 
 
-def _check_side_limit(shape: tuple[int, ...], source: object, lot_id: object, wafer_id: object) -> None:
-    problem = _side_limit_problem(shape)
+def _check_side_limit(shape: tuple[int, ...], max_side: int, source: object, lot_id: object,
+                      wafer_id: object) -> None:
+    problem = _side_limit_problem(shape, max_side)
     if problem:
         raise WaferError(source, problem, lot_id, wafer_id)
 
@@ -243,7 +253,10 @@ def _csv_header(path: Path) -> tuple[list[str], str]:
     except OSError as error:
         raise WaferError(path, f"cannot read ({error})") from error
     delimiter = "\t" if "\t" in line else ","
-    names = next(csv.reader([line.rstrip("\r\n")], delimiter=delimiter), [])
+    try:
+        names = next(csv.reader([line.rstrip("\r\n")], delimiter=delimiter), [])
+    except csv.Error as error:  # a bare carriage return inside the header, say
+        raise WaferError(path, f"unreadable CSV header ({error})") from None
     return [name.strip() for name in names], delimiter
 
 
@@ -273,10 +286,20 @@ def _stray_file_problem(path: Path, expected: str = NOT_A_WAFER_FILE) -> str:
     return PICKLE_PROBLEM if path.suffix.lower() in PICKLE_SUFFIXES else expected
 
 
-def _read_npy_tree(root: Path) -> Iterator[Item]:
+def _leads_outside(entry: Path, directory: Path) -> bool:
+    """A symbolic link whose target is not inside `directory`: following it would read what the
+    directory does not hold (another lot, or any file the process can open)."""
+    if not entry.is_symlink():
+        return False
+    return not Path(os.path.realpath(entry)).is_relative_to(os.path.realpath(directory))
+
+
+def _read_npy_tree(root: Path, max_side: int) -> Iterator[Item]:
     for entry in _visible_entries(root):
-        if entry.is_dir():
-            yield from _read_npy_lot(entry)
+        if _leads_outside(entry, root):
+            yield WaferError(entry, LINK_PROBLEM)
+        elif entry.is_dir():
+            yield from _read_npy_lot(entry, max_side)
         else:
             yield WaferError(entry, _stray_file_problem(entry, "not a lot directory (a directory of lots holds "
                                                                "only lot directories)"))
@@ -289,7 +312,7 @@ def _wafer_id_of(path: Path) -> str:
     return path.name
 
 
-def _read_npy_lot(lot_dir: Path) -> Iterator[Item]:
+def _read_npy_lot(lot_dir: Path, max_side: int) -> Iterator[Item]:
     lot_id = lot_dir.name
     try:
         entries = _visible_entries(lot_dir)
@@ -305,16 +328,16 @@ def _read_npy_lot(lot_dir: Path) -> Iterator[Item]:
             if wafer_id + NPY_SUFFIX not in files:
                 yield WaferError(entry, f"mask without its map {wafer_id}{NPY_SUFFIX}", lot_id, wafer_id)
         elif entry.name.endswith(NPY_SUFFIX):
-            yield _npy_wafer(entry, lot_id, wafer_id)
+            yield _npy_wafer(entry, lot_id, wafer_id, max_side)
         else:
             yield WaferError(entry, _stray_file_problem(entry), lot_id)
 
 
-def _npy_wafer(map_path: Path, lot_id: str, wafer_id: str) -> Item:
+def _npy_wafer(map_path: Path, lot_id: str, wafer_id: str, max_side: int) -> Item:
     mask_path = map_path.with_name(wafer_id + MASK_SUFFIX)
     try:
-        wafer_map = _load_npy(map_path, lot_id, wafer_id)
-        mask = _load_npy(mask_path, lot_id, wafer_id) if mask_path.is_file() else None
+        wafer_map = _load_npy(map_path, lot_id, wafer_id, max_side)
+        mask = _load_npy(mask_path, lot_id, wafer_id, max_side) if mask_path.is_file() else None
         return validate_wafer(lot_id, wafer_id, wafer_map, mask, source=map_path)
     except WaferError as error:
         return error
@@ -326,12 +349,14 @@ _NPY_HEADER_READERS = {
 }
 
 
-def _load_npy(path: Path, lot_id: str, wafer_id: str) -> np.ndarray:
+def _load_npy(path: Path, lot_id: str, wafer_id: str, max_side: int) -> np.ndarray:
     """The array, after its header has been checked (object dtype, size, truncation) so that
     nothing is allocated for a file that would be refused anyway."""
+    if _leads_outside(path, path.parent):
+        raise WaferError(path, LINK_PROBLEM, lot_id, wafer_id)
     try:
         with open(path, "rb") as file:
-            problem = _npy_header_problem(file)
+            problem = _npy_header_problem(file, max_side)
             if problem:
                 raise WaferError(path, problem, lot_id, wafer_id)
             file.seek(0)
@@ -342,14 +367,18 @@ def _load_npy(path: Path, lot_id: str, wafer_id: str) -> np.ndarray:
         raise WaferError(path, f"unreadable or corrupt .npy file ({error})", lot_id, wafer_id) from error
 
 
-def _npy_header_problem(file: BinaryIO) -> str | None:
+def _npy_header_problem(file: BinaryIO, max_side: int) -> str | None:
+    if os.fstat(file.fileno()).st_size == 0:
+        return EMPTY_FILE
     version = np.lib.format.read_magic(file)
     if version not in _NPY_HEADER_READERS:
         return f"unsupported .npy format version {version}"
     shape, _fortran_order, dtype = _NPY_HEADER_READERS[version](file)
     if dtype.hasobject:
         return f"holds Python objects (dtype {dtype}); only plain integer arrays are accepted"
-    if problem := _side_limit_problem(shape):
+    if dtype.kind == "V" or dtype.itemsize > MAX_ITEM_BYTES:  # records, sub-arrays, wide types: never a map
+        return f"holds dtype {dtype}; only plain integer arrays are accepted"
+    if problem := _side_limit_problem(shape, max_side):
         return problem
     expected = math.prod(shape) * dtype.itemsize
     available = os.fstat(file.fileno()).st_size - file.tell()
@@ -370,27 +399,32 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 class _Dies:
     """A die table's columns as NumPy arrays, rows grouped by wafer (sorted by lot, wafer)."""
 
+    max_side: int  # dies per map side
     lot_ids: np.ndarray  # per wafer
     wafer_ids: np.ndarray  # per wafer
     starts: np.ndarray  # per wafer: its first row
     ends: np.ndarray  # per wafer: one past its last row
-    row: np.ndarray  # int64, clipped to [-1, MAX_MAP_SIDE + 1]
+    row: np.ndarray  # int64, clipped to [-1, max_side + 1]
     col: np.ndarray
-    bin: np.ndarray  # as stored (integer or float), nulls as 0
+    bin: np.ndarray  # as stored (integer or float), nulls and text as 0
     null: np.ndarray  # row, col or bin is null
     non_integer: np.ndarray  # row or col is not a whole number
-    label: np.ndarray | None  # as stored, nulls as 0
+    not_number: dict[str, np.ndarray]  # per numeric column: text that does not read as a number
+    label: np.ndarray | None  # as stored, nulls and text as 0
     label_null: np.ndarray | None
     map_rows: np.ndarray | None  # int64, clipped like row
     map_cols: np.ndarray | None
     map_shape_bad: np.ndarray | None  # map_rows or map_cols is null or not a whole number
 
 
-def _read_die_table(path: Path) -> Iterator[Item]:
+def _read_die_table(path: Path, max_side: int) -> Iterator[Item]:
     try:
-        dies = _group_dies(_die_table_arrow(path), path)
+        dies = _group_dies(_die_table_arrow(path), path, max_side)
     except WaferError as error:
         yield error
+        return
+    except (OSError, pa.ArrowException) as error:
+        yield WaferError(path, f"unreadable die table ({error})")
         return
     for index in range(len(dies.starts)):
         try:
@@ -400,53 +434,75 @@ def _read_die_table(path: Path) -> Iterator[Item]:
 
 
 def _die_table_arrow(path: Path) -> pa.Table:
-    """The contract's columns, read straight into Arrow (ids as strings)."""
+    """The contract's columns, read straight into Arrow (CSV ids as bytes: see _id_ranks)."""
     wanted = (*DIE_TABLE_COLUMNS, LABEL_COLUMN, *SHAPE_COLUMNS)
-    try:
-        if path.suffix.lower() == PARQUET_SUFFIX:
-            names = pq.read_schema(path).names
-            _require_columns(names, DIE_TABLE_COLUMNS, path)
-            return pq.read_table(path, columns=[name for name in wanted if name in names])
+    if path.suffix.lower() == PARQUET_SUFFIX:
+        names = pq.read_schema(path).names
+        _require_columns(names, DIE_TABLE_COLUMNS, path)
+        table = pq.read_table(path, columns=[name for name in wanted if name in names])
+    else:
         names, delimiter = _csv_header(path)
         _require_columns(names, DIE_TABLE_COLUMNS, path)
-        return pa_csv.read_csv(
+        table = pa_csv.read_csv(
             path,
             parse_options=pa_csv.ParseOptions(delimiter=delimiter),
             convert_options=pa_csv.ConvertOptions(
                 include_columns=[name for name in wanted if name in names],
-                column_types={name: pa.string() for name in ID_COLUMNS},
+                column_types={name: pa.binary() for name in ID_COLUMNS},
             ),
         )
-    except (OSError, pa.ArrowException) as error:
-        raise WaferError(path, f"unreadable die table ({error})") from error
+    if table.num_rows == 0:
+        raise WaferError(path, "no dies: the table has its columns but no rows")
+    return table
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    return any(is_kind(kind) for is_kind in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                             pa.types.is_large_binary))
 
 
 def _id_ranks(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's rank among the sorted distinct ids, and those ids (hash-based; no per-row objects)."""
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+    """Each row's rank among the sorted distinct ids, and those ids (hash-based; no per-row objects).
+
+    Ids are compared as bytes and decoded once per distinct id: bytes that are not UTF-8 (a latin-1
+    file, say) become surrogate escapes, which check_id refuses for that wafer alone."""
+    if not _is_text(column.type):
         column = column.cast(pa.string())
-    values = pc.fill_null(column, "")  # an empty id is refused by check_id for its wafer alone
+    values = pc.fill_null(column.cast(pa.large_binary()), b"")  # an empty id is refused by check_id
     distinct = pc.unique(values)
     distinct = distinct.take(pc.sort_indices(distinct))
     ranks = pc.index_in(values, value_set=distinct).to_numpy()
-    return ranks.astype(np.int64), distinct.to_numpy(zero_copy_only=False)
+    names = np.array([value.decode("utf-8", "surrogateescape") for value in distinct.to_pylist()], dtype=object)
+    return ranks.astype(np.int64), names
 
 
-def _numbers(table: pa.Table, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A numeric column as a NumPy array with nulls as 0, and the null flags."""
+def _numbers(table: pa.Table, name: str, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A numeric column as a NumPy array with nulls as 0, the null flags, and the flags of text that does
+    not read as a number (a text column is parsed cell by cell, so that one bad cell refuses one wafer)."""
     column = table.column(name)
     if pa.types.is_null(column.type):  # a CSV column with no value at all
         column = column.cast(pa.int64())
+    nulls = column.is_null().to_numpy(zero_copy_only=False)
+    not_number = np.zeros(len(nulls), dtype=bool)
+    if _is_text(column.type):
+        column, not_number = _parse_numbers(column)
     if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
         raise WaferError(path, f"column {name!r} has type {column.type}; numbers are required")
-    nulls = column.is_null().to_numpy(zero_copy_only=False)
-    return pc.fill_null(column, 0).to_numpy(), nulls
+    return pc.fill_null(column, 0).to_numpy(), nulls, not_number
 
 
-def _whole_numbers(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Values as int64 clipped to [-1, MAX_MAP_SIDE + 1] (enough to tell negative and too large,
+def _parse_numbers(text: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """The cells that read as a number, as float64 (other cells null), and the flags of the others."""
+    numeric = pc.match_substring_regex(text, NUMBER_PATTERN)
+    not_number = pc.and_(pc.is_valid(text), pc.invert(pc.fill_null(numeric, False)))
+    kept = pc.if_else(numeric, text, None).cast(pa.large_string())  # only ASCII digits and signs are left
+    return pc.utf8_trim_whitespace(kept).cast(pa.float64()), not_number.to_numpy(zero_copy_only=False)
+
+
+def _whole_numbers(values: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Values as int64 clipped to [-1, max_side + 1] (enough to tell negative and too large,
     and no overflow), and the flags of values that are not whole numbers."""
-    top = MAX_MAP_SIDE + 1
+    top = max_side + 1
     if np.issubdtype(values.dtype, np.unsignedinteger):
         return np.minimum(values, top).astype(np.int64), np.zeros(len(values), dtype=bool)
     if np.issubdtype(values.dtype, np.integer):
@@ -455,7 +511,7 @@ def _whole_numbers(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.where(whole, values, 0), -1, top).astype(np.int64), ~whole
 
 
-def _group_dies(table: pa.Table, path: Path) -> _Dies:
+def _group_dies(table: pa.Table, path: Path, max_side: int) -> _Dies:
     """Sort the dies by (lot, wafer) with one stable argsort and find each wafer's slice."""
     lot_ranks, lot_names = _id_ranks(table.column("lot_id"))
     wafer_ranks, wafer_names = _id_ranks(table.column("wafer_id"))
@@ -466,16 +522,18 @@ def _group_dies(table: pa.Table, path: Path) -> _Dies:
     starts = np.flatnonzero(np.diff(pair, prepend=-1))
     ends = np.append(starts[1:], len(pair))[: len(starts)]
     keys = pair[starts]
+    not_number: dict[str, np.ndarray] = {}
 
     def column(name: str) -> tuple[np.ndarray, np.ndarray]:
-        values, nulls = _numbers(table, name, path)
+        values, nulls, text = _numbers(table, name, path)
+        not_number[name] = text[order]
         return values[order], nulls[order]
 
     row, row_null = column("row")
     col, col_null = column("col")
     bins, bin_null = column("bin")
-    row, row_fraction = _whole_numbers(row)
-    col, col_fraction = _whole_numbers(col)
+    row, row_fraction = _whole_numbers(row, max_side)
+    col, col_fraction = _whole_numbers(col, max_side)
     label = label_null = None
     if LABEL_COLUMN in table.column_names:
         label, label_null = column(LABEL_COLUMN)
@@ -485,10 +543,11 @@ def _group_dies(table: pa.Table, path: Path) -> _Dies:
         raise WaferError(path, f"columns {' and '.join(SHAPE_COLUMNS)} come together; only one is present")
     if all(shape_columns):
         (map_rows, rows_null), (map_cols, cols_null) = column(SHAPE_COLUMNS[0]), column(SHAPE_COLUMNS[1])
-        map_rows, rows_fraction = _whole_numbers(map_rows)
-        map_cols, cols_fraction = _whole_numbers(map_cols)
+        map_rows, rows_fraction = _whole_numbers(map_rows, max_side)
+        map_cols, cols_fraction = _whole_numbers(map_cols, max_side)
         map_shape_bad = rows_null | cols_null | rows_fraction | cols_fraction
     return _Dies(
+        max_side=max_side,
         lot_ids=lot_names[keys // n_wafer_names],
         wafer_ids=wafer_names[keys % n_wafer_names],
         starts=starts,
@@ -498,6 +557,7 @@ def _group_dies(table: pa.Table, path: Path) -> _Dies:
         bin=bins,
         null=row_null | col_null | bin_null,
         non_integer=row_fraction | col_fraction,
+        not_number=not_number,
         label=label,
         label_null=label_null,
         map_rows=map_rows,
@@ -512,7 +572,8 @@ def _examples(values: np.ndarray) -> str:
 
 def _die_problems(dies: _Dies, part: slice) -> list[str]:
     """What is wrong with the dies of one wafer, checked on its slice only."""
-    problems = []
+    problems = [f"{np.count_nonzero(text[part])} dies with a {name} that is not a number"
+                for name, text in dies.not_number.items() if text[part].any()]
     null, non_integer = dies.null[part], dies.non_integer[part]
     row, col, bins = dies.row[part], dies.col[part], dies.bin[part]
     if null.any():
@@ -521,9 +582,9 @@ def _die_problems(dies: _Dies, part: slice) -> list[str]:
         problems.append(f"{np.count_nonzero(non_integer)} dies with a non-integer row or col")
     if ((row < 0) | (col < 0)).any():
         problems.append(f"{np.count_nonzero((row < 0) | (col < 0))} dies with a negative row or col")
-    if ((row >= MAX_MAP_SIDE) | (col >= MAX_MAP_SIDE)).any():
-        problems.append(f"row or col beyond the limit of {MAX_MAP_SIDE} dies per side")
-    bad_bin = ~null & (bins != PASS) & (bins != FAIL)
+    if ((row >= dies.max_side) | (col >= dies.max_side)).any():
+        problems.append(f"row or col beyond the limit of {dies.max_side} dies per side")
+    bad_bin = ~null & ~dies.not_number["bin"][part] & (bins != PASS) & (bins != FAIL)
     if bad_bin.any():
         problems.append(f"{np.count_nonzero(bad_bin)} dies with bin outside {{{PASS}, {FAIL}}} "
                         f"(values {_examples(bins[bad_bin])})")
@@ -556,9 +617,9 @@ def _map_shape(dies: _Dies, part: slice) -> tuple[tuple[int, int], str | None]:
     rows, cols = dies.map_rows[part], dies.map_cols[part]
     if rows.min() != rows.max() or cols.min() != cols.max():
         return needed, "map_rows/map_cols differ between dies of one wafer"
-    shape = (int(rows[0]), int(cols[0]))  # clipped to MAX_MAP_SIDE + 1 when larger
-    if max(shape) > MAX_MAP_SIDE:
-        return needed, f"map_rows/map_cols beyond the limit of {MAX_MAP_SIDE} dies per side"
+    shape = (int(rows[0]), int(cols[0]))  # clipped to max_side + 1 when larger
+    if max(shape) > dies.max_side:
+        return needed, f"map_rows/map_cols beyond the limit of {dies.max_side} dies per side"
     if shape[0] < needed[0] or shape[1] < needed[1]:
         return needed, f"map_rows x map_cols {shape} is too small for the dies, which need {needed}"
     return shape, None
@@ -681,7 +742,7 @@ def _load_wm811k_frame(path: Path) -> pd.DataFrame:
     return frame
 
 
-def _read_wm811k_pickle(path: Path) -> Iterator[Item]:
+def _read_wm811k_pickle(path: Path, max_side: int) -> Iterator[Item]:
     try:
         frame = _load_wm811k_frame(path)
     except WaferError as error:
@@ -689,17 +750,17 @@ def _read_wm811k_pickle(path: Path) -> Iterator[Item]:
         return
     failure_types = frame["failureType"] if "failureType" in frame.columns else repeat(None)
     rows = zip(frame["waferMap"], frame["lotName"], frame["waferIndex"], failure_types)
-    yield from _wm811k_items(path, rows)
+    yield from _wm811k_items(path, rows, max_side)
 
 
-def _read_wm811k_csv(path: Path) -> Iterator[Item]:
+def _read_wm811k_csv(path: Path, max_side: int) -> Iterator[Item]:
     try:
         names, delimiter = _csv_header(path)
         _require_columns(names, WM811K_REQUIRED, path)
     except WaferError as error:
         yield error
         return
-    yield from _wm811k_items(path, _wm811k_csv_rows(path, names, delimiter))
+    yield from _wm811k_items(path, _wm811k_csv_rows(path, names, delimiter), max_side)
 
 
 def _wm811k_csv_rows(path: Path, names: list[str], delimiter: str) -> Iterator[tuple[str, str, str, str | None]]:
@@ -716,12 +777,13 @@ def _wm811k_csv_rows(path: Path, names: list[str], delimiter: str) -> Iterator[t
         raise WaferError(path, f"unreadable WM-811K CSV ({error})") from error
 
 
-def _wm811k_items(path: Path, rows: Iterator[tuple[Any, Any, Any, Any]]) -> Iterator[Item]:
+def _wm811k_items(path: Path, rows: Iterator[tuple[Any, Any, Any, Any]], max_side: int) -> Iterator[Item]:
     first_row_of: dict[tuple[str, str], int] = {}
     try:
         for number, (wafer_map, lot_name, wafer_index, failure_type) in enumerate(rows):
             try:
-                yield _wm811k_wafer(path, number, wafer_map, lot_name, wafer_index, failure_type, first_row_of)
+                yield _wm811k_wafer(path, number, wafer_map, lot_name, wafer_index, failure_type, first_row_of,
+                                    max_side)
             except WaferError as error:
                 yield error
     except WaferError as error:  # the rest of the file could not be read
@@ -729,11 +791,11 @@ def _wm811k_items(path: Path, rows: Iterator[tuple[Any, Any, Any, Any]]) -> Iter
 
 
 def _wm811k_wafer(path: Path, number: int, wafer_map: Any, lot_name: Any, wafer_index: Any, failure_type: Any,
-                  first_row_of: dict[tuple[str, str], int]) -> Wafer:
+                  first_row_of: dict[tuple[str, str], int], max_side: int) -> Wafer:
     lot_id = "" if _is_missing(lot_name) else str(lot_name)
     wafer_id = _wafer_id_of_index(wafer_index, path, number, lot_id)
     label = _wm811k_label(failure_type, path, number, lot_id, wafer_id)
-    grid = _parse_wafer_map(wafer_map, path, number, lot_id, wafer_id)
+    grid = _parse_wafer_map(wafer_map, path, number, lot_id, wafer_id, max_side)
     first = first_row_of.setdefault((lot_id, wafer_id), number)
     if first != number:
         raise WaferError(path, f"data row {number} repeats the wafer of data row {first}", lot_id, wafer_id)
@@ -777,14 +839,14 @@ def _wm811k_label(value: Any, path: Path, number: int, lot_id: str, wafer_id: st
     return WM811K_LABELS[name]
 
 
-def _parse_wafer_map(value: Any, path: Path, number: int, lot_id: str, wafer_id: str) -> np.ndarray:
+def _parse_wafer_map(value: Any, path: Path, number: int, lot_id: str, wafer_id: str, max_side: int) -> np.ndarray:
     try:
         grid = np.asarray(json.loads(value) if isinstance(value, str) else value)
     except (ValueError, TypeError) as error:  # JSONDecodeError is a ValueError; ragged rows too
         raise WaferError(path, f"data row {number}: unparsable waferMap ({error})", lot_id, wafer_id) from None
     if grid.dtype == object or grid.dtype.kind in "USV":
         raise WaferError(path, f"data row {number}: unparsable waferMap (not a grid of integers)", lot_id, wafer_id)
-    _check_side_limit(grid.shape, path, lot_id, wafer_id)
+    _check_side_limit(grid.shape, max_side, path, lot_id, wafer_id)
     return grid
 
 
@@ -849,6 +911,22 @@ def _unique_wafers(wafers: Iterable[Wafer], target: Path) -> list[Wafer]:
             raise WaferError(target, "the wafer appears twice in the input", *key)
         seen.add(key)
     return wafers
+
+
+def replace_directory(built: Path, target: Path) -> None:
+    """Rename `built` to `target`; an existing target is renamed aside first and deleted after, and
+    put back if the move fails: `target` is always the old complete directory or the new one."""
+    if not target.exists():
+        os.rename(built, target)
+        return
+    aside = target.parent / f".old-{target.name}-{secrets.token_hex(4)}"
+    os.rename(target, aside)
+    try:
+        os.rename(built, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextmanager

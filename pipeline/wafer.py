@@ -12,15 +12,17 @@ NUM_CLASSES = len(CLASS_NAMES)
 DEFECT_CLASSES = tuple(range(1, NUM_CLASSES))
 # Per-class die-count columns of dataset indexes and wafer reports.
 DIE_COLUMNS = [f"dies_{name}" for name in CLASS_NAMES]
+# Ids become file and directory names: NAME_MAX is 255 bytes, less room for suffixes and temporary prefixes.
+MAX_ID_BYTES = 200
 
 
 class WaferError(ValueError):
     """Bad input: the message names the source file, the wafer (when known) and the problem."""
 
     def __init__(self, source: object, problem: str, lot_id: object = None, wafer_id: object = None):
-        self.source = str(source)
-        self.lot_id = None if lot_id is None else str(lot_id)
-        self.wafer_id = None if wafer_id is None else str(wafer_id)
+        self.source = _shown(source)
+        self.lot_id = None if lot_id is None else _shown(lot_id)
+        self.wafer_id = None if wafer_id is None else _shown(wafer_id)
         self.problem = problem
         where = self.source
         if self.wafer_id is not None:
@@ -28,6 +30,18 @@ class WaferError(ValueError):
         elif self.lot_id is not None:  # a file in a lot directory that is not a wafer
             where += f": lot {self.lot_id}"
         super().__init__(f"{where}: {problem}")
+
+
+def _shown(value: object) -> str:
+    """Text as messages and quarantine records hold it: control characters and undecodable bytes
+    escaped, so that any UTF-8 file, log or page can take it."""
+    text = str(value)
+    return repr(text)[1:-1] if _has_surrogates(text) or any(ord(ch) < 32 for ch in text) else text
+
+
+def _has_surrogates(text: str) -> bool:
+    """Lone surrogates are how Python decodes bytes that are not UTF-8 (file names, surrogateescape)."""
+    return any("\ud800" <= ch <= "\udfff" for ch in text)
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,6 +84,10 @@ def check_id(value: object, what: str, source: object, lot_id: object = None, wa
         problem = f"{what} {text!r} contains '/', '\\' or NUL and could escape a directory"
     elif any(ord(ch) < 32 for ch in text):
         problem = f"{what} {text!r} contains control characters"
+    elif _has_surrogates(text):
+        problem = f"{what} {text!r} is not UTF-8 text (bytes of another encoding show as \\udcXX)"
+    elif len(text.encode()) > MAX_ID_BYTES:
+        problem = f"{what} {text[:40]!r}... is {len(text.encode())} bytes long; a file name holds {MAX_ID_BYTES}"
     if problem:
         raise WaferError(source, problem, lot_id, wafer_id)
     return text
@@ -82,7 +100,7 @@ def _check_grid(array: object, what: str, source: object, lot_id: str, wafer_id:
         raise WaferError(source, f"{what} must be 2-D, got {array.ndim}-D shape {array.shape}", lot_id, wafer_id)
     if array.size == 0:
         raise WaferError(source, f"{what} is empty (shape {array.shape})", lot_id, wafer_id)
-    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
+    if array.dtype.kind not in "iu":  # not issubdtype(np.integer): numpy counts timedelta64 as an integer
         raise WaferError(source, f"{what} has dtype {array.dtype}; an integer dtype is required", lot_id, wafer_id)
     return array
 

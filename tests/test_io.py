@@ -501,8 +501,8 @@ def test_bad_wafer_in_a_die_table_is_rejected_alone(tmp_path, case, suffix):
 BAD_DIE_FILES = {
     "missing_columns": (lambda rows: [(r.pop("col"), r.pop("bin")) for r in rows],
                         r"missing required column\(s\) col, bin"),
-    "text_bins": (lambda rows: [r.update(bin=str(r["bin"]) if i else "pass") for i, r in enumerate(rows)],
-                  r"column 'bin' has type (large_)?string; numbers are required"),
+    "boolean_bins": (lambda rows: [r.update(bin=r["bin"] == 2) for r in rows],
+                     r"column 'bin' has type bool; numbers are required"),
     "one_shape_column": (lambda rows: [r.pop("map_cols") for r in rows],
                          r"columns map_rows and map_cols come together; only one is present"),
 }
