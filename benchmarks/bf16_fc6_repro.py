@@ -4,7 +4,8 @@ fc6 of full-width FCN-8s on a 64x64 wafer: a 7x7, padding-3 conv from 512 to 409
 2x2 pool5 map. Run it in a subprocess and watch which oneDNN kernel each pass gets:
     ONEDNN_VERBOSE=1 MALLOC_CHECK_=3 OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bf16_fc6_repro.py --bf16
 On AVX2 the fp32 backward-weights pass at width 1 lands on oneDNN's `ref:any` (width 0.25 gets
-`x64:gemm:jit`); bf16 never reaches oneDNN there. On an AVX512-BF16/AMX host bf16 does.
+`x64:gemm:jit`); bf16 never reaches oneDNN there. On an AMX host bf16 does, and this runs clean:
+fc6 is not the crash; score_fr's bf16 backward-weights is (bf16_training.md).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--fp32-modules", default="", help="comma-separated submodule names run outside autocast")
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--full-fc6", action="store_true", help="fc6 as the plain 7x7 conv, dead taps included (as it crashed)")
+    parser.add_argument("--bf16-head", action="store_true", help="score/upsampling head in bf16 too (as it crashed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -41,6 +42,7 @@ def main() -> None:
     model = FCN(args.arch, args.width).train()
     if args.full_fc6:
         use_full_7x7(model.fc[0])
+    model.fp32_head = not args.bf16_head
     for name in filter(None, args.fp32_modules.split(",")):
         keep_fp32(model.get_submodule(name))
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format

@@ -10,7 +10,9 @@ and no pretrained weights are ever downloaded (wafer maps are not ImageNet image
 from __future__ import annotations
 
 import logging
-from typing import Literal
+import pickle
+from pathlib import Path
+from typing import BinaryIO, Literal
 
 import torch
 import torch.nn.functional as F
@@ -85,9 +87,10 @@ class Fc6(nn.Conv2d):
     Two exact rewrites. On a pool5 map of side s < 4 (inputs of at most 96 cells a side) the taps
     more than s-1 from the centre meet only padding, so only the central 2s-1 taps run. And the
     zero padding is applied to the input, not asked of the conv: for a padded 7x7 kernel larger
-    than its 512-channel input oneDNN has no fast backward-weights kernel and falls back to its
-    reference one (16-78 s a step at width 1; the prime suspect of the bf16 crash, see
-    benchmarks/bf16_training.md). Outputs and gradients are those of the plain conv.
+    than its 512-channel input oneDNN's AVX2 build has no fast backward-weights kernel and falls back
+    to its reference one (16-78 s a step at width 1; benchmarks/bf16_training.md). Outputs and
+    gradients are those of the plain conv. (It was suspected of the bf16 crash; on an AMX host the
+    crash proved to be score_fr's, see FCN.)
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -104,7 +107,16 @@ def out_channels(stage: nn.Sequential) -> int:
 
 
 class FCN(nn.Module):
-    """FCN-8s/16s/32s. Input: encoded maps (N, 3, H, W) of any size; output: logits (N, 5, H, W)."""
+    """FCN-8s/16s/32s. Input: encoded maps (N, 3, H, W) of any size; output: logits (N, 5, H, W).
+
+    The score/upsampling head (every layer with 5 output channels) always runs in fp32, also inside
+    a bf16 autocast region: oneDNN's AMX bf16 backward-weights kernel overruns the heap for a conv
+    with bias, fewer than 16 output channels and more than 2048 inputs (score_fr at width 1 aborted
+    training with `free(): invalid next size`; benchmarks/bf16_training.md). The head is under 0.1%
+    of the FLOPs.
+    """
+
+    fp32_head = True  # False only to reproduce the crash (benchmarks/bf16_repro.py --bf16-head)
 
     def __init__(self, arch: Arch = "fcn8s", width: float = 1.0, dropout: float = 0.5):
         super().__init__()
@@ -151,12 +163,20 @@ class FCN(nn.Module):
         height, width = x.shape[-2:]
         pool3 = self.to_pool3(pad_to_stride(x))
         pool4 = self.to_pool4(pool3)
-        score = self.score_fr(self.fc(self.to_pool5(pool4)))  # /32
+        fc7 = self.fc(self.to_pool5(pool4))
+        if self.fp32_head and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.head(fc7.float(), pool4.float(), pool3.float())[..., :height, :width]
+        return self.head(fc7, pool4, pool3)[..., :height, :width]
+
+    def head(self, fc7: torch.Tensor, pool4: torch.Tensor, pool3: torch.Tensor) -> torch.Tensor:
+        """Class scores from fc7 and the skips, upsampled to the padded input size."""
+        score = self.score_fr(fc7)  # /32
         if self.arch != "fcn32s":
             score = self.upscore2(score) + self.score_pool4(pool4)  # /16
         if self.arch == "fcn8s":
             score = self.upscore_pool4(score) + self.score_pool3(pool3)  # /8
-        return self.upscore(score)[..., :height, :width]
+        return self.upscore(score)
 
 
 def zero_conv(channels: int) -> nn.Conv2d:
@@ -182,18 +202,28 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def bf16_allowed(device: torch.device | str, training: bool) -> bool:
-    """The one rule for bf16 autocast: only where it is fast and known safe.
+def cpu_has_amx() -> bool:
+    """AMX tiles (Sapphire Rapids and later): where bf16 training was measured safe and faster."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
-    CUDA: where the GPU supports bf16. CPU inference: only with native bf16 kernels (AVX512-BF16 /
-    AMX); on AVX2 bf16 runs ATen fallbacks 3-13x slower than fp32. CPU training: never; full-width
-    bf16-autocast training aborted with heap corruption (`free(): invalid next size`) on a bf16
-    host, most likely in a oneDNN bf16 backward kernel we cannot patch, so CPU training stays fp32.
+
+def bf16_allowed(device: torch.device | str, training: bool) -> bool:
+    """The one rule for bf16 autocast: only where it is measured fast and safe (benchmarks/bf16_training.md).
+
+    CUDA: where the GPU supports bf16. CPU inference: with native bf16 kernels (AVX512-BF16 / AMX),
+    3.1x fp32 at width 1 and 1.8x at width 0.25 on an AMX host; on AVX2 bf16 runs ATen fallbacks
+    3-13x slower than fp32. CPU training: on AMX only, 1.4-1.55x fp32 there. It is safe because FCN
+    keeps its 5-channel head in fp32: oneDNN's AMX bf16 backward-weights of a conv with bias, fewer
+    than 16 output channels and more than 2048 inputs overruns the heap (score_fr at width 1 aborted training with
+    `free(): invalid next size`); with the head in fp32, 120 bf16 training steps at widths 1 and 0.25,
+    batches 8-32, maps 32..224, ran clean. Not measured on AVX512-BF16 without AMX: fp32 there.
     """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and not training and cpu_has_native_bf16()
+    if device.type != "cpu" or not cpu_has_native_bf16():
+        return False
+    return not training or cpu_has_amx()
 
 
 def autocast_context(device: torch.device | str, training: bool, enabled: bool = True) -> torch.autocast:
@@ -201,3 +231,12 @@ def autocast_context(device: torch.device | str, training: bool, enabled: bool =
     device = torch.device(device)
     use_bf16 = enabled and bf16_allowed(device, training)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def load_checkpoint_file(source: Path | BinaryIO, name: object) -> dict:
+    """A checkpoint's tensors and plain values. Anything else in its pickle (a class, a function: code that
+    would run on load) is refused unrun by torch's weights-only unpickler; `name` is the file in the message."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{name}: refused: a checkpoint may hold only tensors and plain values ({error})") from None
