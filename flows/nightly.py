@@ -19,6 +19,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 
 from pipeline import dataset, infer, registry, synth, train, versioning
+from pipeline.locks import LockHeld, hold_lock
 from pipeline.params import Params, load_params, resolve_profile
 
 DVC_LIMIT = "dvc"  # a global concurrency limit of 1: one task at a time does DVC work
@@ -116,13 +117,27 @@ def summary_markdown(params: Params, dataset_md5: str | None, trained: dict | No
             f"- index: {(params.infer.out / 'index.html').resolve().as_uri()}\n")
 
 
+class WorkspaceBusy(RuntimeError):
+    """Another nightly run holds this workspace."""
+
+
 @flow(name="waferseg-nightly", log_prints=False)
 def nightly(params_path: Path = Path("params.yaml"), profile: str | None = None,
             skip_training_without_new_data: bool = True) -> dict:
     """Ingest, version, train and gate, then report every new lot. With skip_training_without_new_data,
-    training runs only when the training set differs from the champion's (or there is no champion)."""
-    logger = get_run_logger()
+    training runs only when the training set differs from the champion's (or there is no champion).
+    Refused while another nightly run holds the workspace (params flow.workspace_lock)."""
     params = resolve_profile(load_params(params_path), profile)
+    try:
+        with hold_lock(params.flow.workspace_lock):
+            return run_nightly(params, skip_training_without_new_data)
+    except LockHeld as held:
+        raise WorkspaceBusy(f"{Path.cwd()}: another nightly run ({held.holder}) holds the workspace lock "
+                            f"{held.path}; this run did nothing. Let that one finish and run again.") from None
+
+
+def run_nightly(params: Params, skip_training_without_new_data: bool) -> dict:
+    logger = get_run_logger()
     flow_params = params.flow
     io_options = {"retries": flow_params.retries, "retry_delay_seconds": flow_params.retry_delay_s,
                   "timeout_seconds": flow_params.io_timeout_s}

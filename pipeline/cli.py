@@ -220,11 +220,15 @@ def report(
 
 
 def main() -> None:
-    from pipeline.versioning import VersioningError
-
     try:
         app()
-    except (WaferError, VersioningError) as error:
+    except Exception as error:
+        from pipeline.registry import RegistryError  # imported here: MLflow is slow to import
+        from pipeline.report import ReportWriteError
+        from pipeline.versioning import VersioningError
+
+        if not isinstance(error, (WaferError, VersioningError, RegistryError, ReportWriteError)):
+            raise
         console.print(f"[red]error:[/red] {error}")
         raise SystemExit(2) from None
 

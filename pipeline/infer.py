@@ -12,10 +12,12 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import pandas as pd
 import torch
@@ -23,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline import report
 from pipeline.io import Rejected, iter_source, read_wafers, write_npy_lots
+from pipeline.locks import release, try_lock
 from pipeline.params import Params
 from pipeline.predict import predict_wafers
 from pipeline.registry import load_model
@@ -31,6 +34,7 @@ from pipeline.wafer import CLASS_NAMES, Wafer, WaferError, check_id
 
 log = logging.getLogger(__name__)
 
+LOCKS_DIR = ".locks"  # one lock file per lot being reported (hidden: not a lot)
 UNASSIGNED_QUARANTINE = "quarantine.csv"  # inputs that belong to no usable lot, at the top of OUT
 _DONE = object()
 
@@ -52,9 +56,10 @@ class InferSummary:
     read: int = 0
     reported: int = 0
     quarantined: int = 0
-    skipped: int = 0  # wafers of lots already reported by this model version
+    skipped: int = 0  # wafers of lots already reported by this model version, or being reported by another run
     lots_reported: int = 0
     lots_skipped: int = 0
+    lots_left_to_others: int = 0  # of lots_skipped: another run held the lot's lock
     reported_lots: list[str] = field(default_factory=list)
     seconds: float = 0.0
     class_mix: dict[str, int] = field(default_factory=dict)
@@ -74,6 +79,24 @@ def _lot_of(item: Wafer | Rejected) -> str | None:
         return None
 
 
+def _withhold_duplicates(lot: Lot) -> Lot:
+    """Inputs that claim the same wafer of a lot (two files, two rows) cannot be told apart: none of them
+    is reported, and each wafer among them is quarantined naming every source."""
+    claims = Counter(item.wafer_id for item in (*lot.wafers, *lot.rejected) if item.wafer_id is not None)
+    if all(count == 1 for count in claims.values()):
+        return lot
+    kept = [wafer for wafer in lot.wafers if claims[wafer.wafer_id] == 1]
+    withheld = [Rejected.from_error(WaferError(
+        wafer.source, f"{claims[wafer.wafer_id]} inputs claim this wafer ({_sources_of(lot, wafer.wafer_id)}); "
+                      "none of them is reported", lot.lot_id, wafer.wafer_id))
+        for wafer in lot.wafers if claims[wafer.wafer_id] > 1]
+    return Lot(lot.lot_id, kept, lot.rejected + withheld)
+
+
+def _sources_of(lot: Lot, wafer_id: str) -> str:
+    return ", ".join(sorted({item.source for item in (*lot.wafers, *lot.rejected) if item.wafer_id == wafer_id}))
+
+
 def group_lots(items: Iterator[Wafer | Rejected], unassigned: list[Rejected]) -> Iterator[Lot]:
     """Consecutive items of one lot become a Lot (sources yield lots together); lot-less rejects, and wafers
     of a lot that shows up again after it was closed, go aside with the reason."""
@@ -90,11 +113,11 @@ def group_lots(items: Iterator[Wafer | Rejected], unassigned: list[Rejected]) ->
         if current is None or current.lot_id != lot_id:
             if current is not None:
                 closed.add(current.lot_id)
-                yield current
+                yield _withhold_duplicates(current)
             current = Lot(lot_id)
         (current.wafers if isinstance(item, Wafer) else current.rejected).append(item)
     if current is not None:
-        yield current
+        yield _withhold_duplicates(current)
 
 
 def read_ahead(iterator: Iterator, depth: int) -> Iterator:
@@ -137,6 +160,12 @@ def _read_sources(sources: Sequence[Path]) -> Iterator[Wafer | Rejected]:
             yield from iter_source(source)
         except WaferError as error:
             yield Rejected.from_error(error)
+
+
+def claim_lot(out: Path, lot_id: str) -> TextIO | None:
+    """The lot's lock, held while this run decides on and writes its report; None when another run holds it.
+    With the check for a current report made under the lock, two runs on one inbox report each lot once."""
+    return try_lock(out / LOCKS_DIR / f"{lot_id}.lock")
 
 
 def _write_unassigned(out: Path, rejected: list[Rejected]) -> None:
@@ -182,18 +211,27 @@ def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: s
         for chunk in chunks_of_lots(lots, params.infer.chunk_wafers):
             todo = []
             for lot in chunk:
-                if force or not report.lot_is_current(out, lot.lot_id, version):
-                    todo.append(lot)
-                else:
+                lock = claim_lot(out, lot.lot_id)
+                if lock is None:
+                    log.info("lot %s is being reported by another run: left to it", lot.lot_id)
+                    summary.lots_left_to_others += 1
                     lot_done(lot, reported=False)
-            wafers = [w for lot in todo for w in lot.wafers]
+                elif force or not report.lot_is_current(out, lot.lot_id, version):
+                    report.remove_stale_builds(out, lot.lot_id)
+                    todo.append((lot, lock))
+                else:
+                    release(lock)
+                    lot_done(lot, reported=False)
+            wafers = [w for lot, _ in todo for w in lot.wafers]
             predictions = predict_wafers(model, wafers, params.infer.batch_wafers, device, amp, channels_last)
             position = 0
-            for lot in todo:
+            for lot, lock in todo:
                 masks = predictions[position : position + len(lot.wafers)]
                 position += len(lot.wafers)
-                pending.append(writer.submit(report.write_lot_report, lot.lot_id, lot.wafers, masks,
-                                             lot.rejected, out, version, params.infer, params.report))
+                written = writer.submit(report.write_lot_report, lot.lot_id, lot.wafers, masks,
+                                        lot.rejected, out, version, params.infer, params.report)
+                written.add_done_callback(lambda _, lock=lock: release(lock))
+                pending.append(written)
                 lot_done(lot, reported=True)
             for future in [f for f in pending if f.done()]:
                 future.result()  # a failed write stops the run rather than being lost

@@ -287,6 +287,8 @@ class RegistryParams(Section):
     experiment: str = "waferseg"
     model_name: str = "wafer-fcn8s"
     system_metrics: bool = True
+    lock_retries: int = Field(4, ge=0)  # a tracking DB locked by another writer: tries after the first
+    lock_backoff_s: float = Field(2.0, ge=0)  # first wait; doubled after each locked try
 
 
 # --- batch inference and reports (pipeline/infer.py, pipeline/report.py) ---------------------
@@ -321,6 +323,7 @@ class FlowParams(Section):
     infer_timeout_s: float = Field(7200.0, gt=0)
     dask_address: str | None = None  # infer_lots --runner dask: an existing scheduler, else a LocalCluster
     dask_workers: int = Field(2, gt=0)
+    workspace_lock: Path = Path("build/nightly.lock")  # held for a whole nightly run: a second one is refused
 
 
 class Profile(Section):

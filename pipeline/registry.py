@@ -3,12 +3,16 @@ a model back by registry URI or from a local checkpoint."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import mlflow
 import numpy as np
@@ -17,14 +21,62 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from pipeline.model import build_model, encode_maps
+from pipeline.model import build_model, encode_maps, load_checkpoint_file
 from pipeline.params import ModelParams, RegistryParams
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 log = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}  # error codes of a missing model or alias
 # The model runs in the pipeline's own environment; naming them skips MLflow's slow requirement inference.
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "waferseg"]
+
+
+class RegistryError(RuntimeError):
+    """The tracking store could not be used; the message says which store and why."""
+
+
+_lock_policy = RegistryParams()  # set by configure(): how long to retry a tracking DB locked by another writer
+
+
+def _is_locked(error: BaseException) -> bool:
+    if isinstance(error, RegistryError):  # an inner call has retried already
+        return False
+    while error is not None:
+        if "database is locked" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def retry_when_locked(function: Callable[P, R]) -> Callable[P, R]:
+    """Retry `function` with doubling waits while the tracking DB is locked by another writer; then a clear error."""
+
+    @functools.wraps(function)
+    def retrying(*args: P.args, **kwargs: P.kwargs) -> R:
+        policy = _lock_policy
+        delay = policy.lock_backoff_s
+        for attempt in range(policy.lock_retries + 1):
+            try:
+                return function(*args, **kwargs)
+            except Exception as error:
+                if not _is_locked(error):
+                    raise
+                if attempt == policy.lock_retries:
+                    raise RegistryError(
+                        f"{mlflow.get_tracking_uri()}: the MLflow database stayed locked by another writer through "
+                        f"{attempt + 1} tries of {function.__name__} (registry.lock_retries, lock_backoff_s); "
+                        "let that process finish or move to a server-backed store, then run again") from error
+                log.warning("%s: MLflow database locked by another writer; retry %d/%d in %.1f s",
+                            function.__name__, attempt + 1, policy.lock_retries, delay)
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")
+
+    return retrying
 
 
 def tracking_uri(params: RegistryParams) -> str:
@@ -33,6 +85,13 @@ def tracking_uri(params: RegistryParams) -> str:
 
 def configure(params: RegistryParams) -> str:
     """Point MLflow at the tracking store, create it and the experiment once; return the experiment id."""
+    global _lock_policy
+    _lock_policy = params
+    return _configure(params)
+
+
+@retry_when_locked
+def _configure(params: RegistryParams) -> str:
     mlflow.set_tracking_uri(tracking_uri(params))
     client = MlflowClient()
     experiment = client.get_experiment_by_name(params.experiment)
@@ -46,6 +105,7 @@ def configure(params: RegistryParams) -> str:
     return experiment_id
 
 
+@retry_when_locked
 def log_model(model: torch.nn.Module, example_maps: np.ndarray, registered_name: str):
     """Log the model with a signature over encoded maps (N, 3, H, W) and register it; return ModelInfo."""
     model = model.cpu().eval()
@@ -75,16 +135,24 @@ class GateDecision:
                 f"version {self.champion_version} {self.champion_miou:.4f} on the same test split")
 
 
+@retry_when_locked
 def current_champion(name: str) -> str | None:
+    return _champion_version(name)
+
+
+def _champion_version(name: str) -> str | None:
     try:
         return str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        if error.error_code in NOT_FOUND:  # no such model, or no champion alias yet
+            return None
+        raise
 
 
+@retry_when_locked
 def champion_dataset(name: str) -> str | None:
     """The content hash of the dataset the current champion was trained on (None: no champion)."""
-    version = current_champion(name)
+    version = _champion_version(name)
     if version is None:
         return None
     client = MlflowClient()
@@ -92,12 +160,13 @@ def champion_dataset(name: str) -> str | None:
     return client.get_run(run_id).data.params.get("dataset.content_hash")
 
 
+@retry_when_locked
 def gate(name: str, version: str, challenger_miou: float, champion_miou_on_this_split) -> GateDecision:
     """Alias the new version `challenger`; make it `champion` only if it beats the current champion,
     whose mIoU `champion_miou_on_this_split(uri)` measures on the challenger's own test split."""
     client = MlflowClient()
     client.set_registered_model_alias(name, CHALLENGER, version)
-    champion = current_champion(name)
+    champion = _champion_version(name)
     champion_miou = None if champion is None else float(champion_miou_on_this_split(f"models:/{name}/{champion}"))
     promoted = champion is None or challenger_miou > champion_miou
     if promoted:
@@ -108,13 +177,14 @@ def gate(name: str, version: str, challenger_miou: float, champion_miou_on_this_
     return decision
 
 
+@retry_when_locked
 def load_model(uri: str, params: RegistryParams, device: torch.device) -> tuple[torch.nn.Module, str]:
     """A model from `models:/...` (or any MLflow URI) or a local training checkpoint, with a version label
     that names exactly which weights produced a report."""
     path = Path(uri)
     if path.is_file():
         data = path.read_bytes()  # read once: hashed for the version label, then loaded
-        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint_file(io.BytesIO(data), path)
         model = build_model(ModelParams(**checkpoint["params"]["model"]))
         state = checkpoint["state"].get("best_weights") or checkpoint["model"]
         model.load_state_dict(state)

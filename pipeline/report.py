@@ -10,18 +10,18 @@ Layout of one lot's report, `OUT/<lot_id>/` (CONTRACT.md, "Report outputs"):
 
 A lot is built in `OUT/.tmp-<lot_id>-xxxx/` and renamed into place, so `OUT/<lot_id>/` is either the
 old complete report or the new complete one. A process killed mid-write can leave a dot-prefixed temp
-directory behind; nothing here mistakes it for a report.
+directory behind; nothing here mistakes it for a report, and the next run that claims the lot deletes it.
 """
 
 from __future__ import annotations
 
 import base64
+import glob
 import html
 import io
 import json
 import logging
 import os
-import secrets
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -40,7 +40,7 @@ from skimage.measure import label, regionprops  # noqa: E402
 
 from pipeline import viz  # noqa: E402
 from pipeline.evaluate import dominant_class  # noqa: E402
-from pipeline.io import Rejected  # noqa: E402
+from pipeline.io import Rejected, replace_directory  # noqa: E402
 from pipeline.params import InferParams, ReportParams  # noqa: E402
 from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, DIE_COLUMNS, OFF_WAFER, Wafer, check_id, wafer_summary  # noqa: E402
 
@@ -384,20 +384,19 @@ def write_manifest(directory: Path, lot_id: str, model_version: str, generated_a
         os.fsync(handle.fileno())
 
 
-def _move_into_place(built: Path, target: Path) -> None:
-    """Rename `built` to `target`; an existing target is renamed aside first and deleted after, and
-    put back if the move fails."""
-    if not target.exists():
-        os.rename(built, target)
-        return
-    aside = target.parent / f".old-{target.name}-{secrets.token_hex(4)}"
-    os.rename(target, aside)
-    try:
-        os.rename(built, target)
-    except BaseException:
-        os.rename(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+def remove_stale_builds(out_root: Path, lot_id: str) -> None:
+    """Delete what a killed writer left of the lot's build (`.tmp-<lot_id>-*`); call while holding the lot."""
+    for leftover in Path(out_root).glob(f".tmp-{glob.escape(lot_id)}-{'?' * 8}"):  # mkdtemp adds 8 characters
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+class ReportWriteError(OSError):
+    """A lot report could not be written; nothing of it was left behind and any previous report is intact."""
+
+    def __init__(self, target: Path, error: OSError):
+        self.target = target
+        previous = "the previous report is kept" if (target / MANIFEST_FILE).is_file() else "no report was written"
+        super().__init__(error.errno, f"{target}: report not written ({error.strerror or error}); {previous}")
 
 
 def write_lot_report(lot_id: str, wafers: list[Wafer], predictions: list[np.ndarray],
@@ -409,11 +408,17 @@ def write_lot_report(lot_id: str, wafers: list[Wafer], predictions: list[np.ndar
     masks = [clean_mask(p, w) for p, w in zip(predictions, wafers)]
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".tmp-{lot_id}-", dir=out_root))
+    try:
+        building = Path(tempfile.mkdtemp(prefix=f".tmp-{lot_id}-", dir=out_root))
+    except OSError as error:
+        raise ReportWriteError(out_root / lot_id, error) from error
     try:
         os.chmod(building, DIR_MODE)
         _build_lot(building, lot_id, wafers, masks, quarantined, model_version, infer, report)
-        _move_into_place(building, out_root / lot_id)
+        replace_directory(building, out_root / lot_id)
+    except OSError as error:  # disk full, quota, permissions: the previous report (if any) is intact
+        shutil.rmtree(building, ignore_errors=True)
+        raise ReportWriteError(out_root / lot_id, error) from error
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise

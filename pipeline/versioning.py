@@ -7,7 +7,6 @@ project's DVC work behind a file lock and turns DVC's own lock and remote errors
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -24,6 +23,7 @@ import yaml
 
 from pipeline.dataset import INDEX_FILE, WaferDataset, write_dataset
 from pipeline.io import Rejected, iter_source
+from pipeline.locks import LockHeld, hold_lock
 from pipeline.params import DataParams, Params
 from pipeline.wafer import Wafer, WaferError
 
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 LOCK_FILE = Path(".dvc/tmp/waferseg-dvc.lock")
-LOCK_POLL_S = 0.2
 DVC_BUSY = "Unable to acquire lock"
 GIT_IDENTITY = ("-c", "user.name=waferseg", "-c", "user.email=waferseg@localhost")
 # What `data/` holds before any real labelled data arrives: the same bytes everywhere, so a fresh clone
@@ -85,31 +84,13 @@ def dvc_md5(params: DataParams, workspace: Path = Path(".")) -> str | None:
 @contextmanager
 def dvc_lock(workspace: Path, timeout_s: float) -> Iterator[None]:
     """Hold the workspace's DVC lock; wait up to timeout_s for another process to finish its DVC work."""
-    path = workspace / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    handle.seek(0)
-                    holder = handle.read().strip() or "unknown"
-                    raise VersioningError(
-                        f"{workspace.resolve()}: DVC work is locked by another process ({holder}); waited "
-                        f"{timeout_s:g} s. Let it finish (or stop it) and run again.") from None
-                time.sleep(LOCK_POLL_S)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
-        try:
+    try:
+        with hold_lock(workspace / LOCK_FILE, timeout_s):
             yield
-        finally:
-            handle.truncate(0)
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    except LockHeld as held:
+        raise VersioningError(
+            f"{workspace.resolve()}: DVC work is locked by another process ({held.holder}); waited "
+            f"{timeout_s:g} s. Let it finish (or stop it) and run again.") from None
 
 
 def _dvc(workspace: Path, *args: str, timeout_s: float = 0.0) -> str:
