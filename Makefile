@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # This machine's pip config lists local indexes; it warns once per package for the ones it skips.
 QUIET_PIP := { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: run test install install-dev workspace browser clean
+.PHONY: run test bench install install-dev workspace browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,15 @@ run: install
 
 test: install-dev browser
 	$(BIN)/python -m pytest
+
+# Every benchmark table the README quotes (about 2 h on 2 cores; each script also runs alone, see its docstring).
+# real_data and scale use the model `make run` trained.
+bench: run install-dev
+	$(BIN)/pip install -q -e '.[dev,bench]' 2>&1 | $(QUIET_PIP)
+	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/peers.py
+	$(BIN)/python benchmarks/real_data.py --model models/fcn8s.pt
+	$(BIN)/python benchmarks/scale.py --model models/fcn8s.pt
 
 clean:
 	rm -rf $(VENV) build reports models checkpoints inbox .pytest_cache

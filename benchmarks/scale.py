@@ -1,0 +1,104 @@
+"""Batch inference at WM-811K scale, streamed from disk to reports, with RSS watched as the workload grows.
+
+    .venv/bin/python benchmarks/scale.py --model models/fcn8s.pt [--wafers 200000] [--work /tmp/waferseg-scale]
+
+Synthetic lots are generated in chunks into die-table parquet files (one file per chunk, WM-811K's size
+mix), then `pipeline.infer.infer` reads them all as one stream and writes every lot report. A sampler thread
+records the process's RSS against wafers reported; the result projects hours for 811,457 wafers.
+Writes benchmarks/results/scale-cpu.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from pipeline import io, synth
+from pipeline.infer import infer
+from pipeline.params import load_params
+
+WM811K_WAFERS = 811_457
+RESULTS = Path(__file__).parent / "results"
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reported_wafers(out: Path) -> int:
+    return sum(1 for _ in out.glob("*/masks/*.npy"))
+
+
+def generate_inbox(params, inbox: Path, wafers: int, chunk: int) -> list[Path]:
+    inbox.mkdir(parents=True, exist_ok=True)
+    files = []
+    for number, start in enumerate(range(0, wafers, chunk)):
+        synth_params = params.synth.model_copy(update={"lot_prefix": f"S{number:04d}"})
+        batch = list(synth.generate(synth_params, seed=number, n=min(chunk, wafers - start)))
+        path = inbox / f"chunk-{number:04d}.parquet"
+        io.write_die_table([replace(w, mask=None) for w in batch], path)  # new lots carry no labels
+        files.append(path)
+    return files
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="checkpoint or models:/ URI")
+    parser.add_argument("--wafers", type=int, default=200_000)
+    parser.add_argument("--chunk", type=int, default=10_000, help="wafers per generated parquet file")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/waferseg-scale"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    shutil.rmtree(args.work, ignore_errors=True)
+    started = time.perf_counter()
+    sources = generate_inbox(params, args.work / "inbox", args.wafers, args.chunk)
+    generate_s = time.perf_counter() - started
+
+    out = args.work / "reports"
+    samples: list[tuple[float, int, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(10.0):
+            samples.append((time.perf_counter() - started, reported_wafers(out), rss_mib()))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    started = time.perf_counter()
+    sampler.start()
+    summary = infer(sources, out, params, model_uri=args.model)
+    done.set()
+    sampler.join()
+    seconds = time.perf_counter() - started
+    samples.append((seconds, summary.reported, rss_mib()))
+
+    quarters = [max((s[2] for s in samples if q * args.wafers / 4 <= s[1] <= (q + 1) * args.wafers / 4),
+                    default=float("nan")) for q in range(4)]
+    rate = summary.read / seconds
+    result = {"wafers": summary.read, "reported": summary.reported, "quarantined": summary.quarantined,
+              "lots": summary.lots_reported, "generate_seconds": round(generate_s, 1),
+              "infer_seconds": round(seconds, 1), "wafers_per_s_end_to_end": round(rate, 1),
+              "peak_rss_mib_by_quarter": [round(q, 1) for q in quarters],
+              "projected_hours_811457_cpu": round(WM811K_WAFERS / rate / 3600, 2),
+              "rss_samples": [{"s": round(t, 1), "wafers": n, "rss_mib": round(r, 1)} for t, n, r in samples]}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scale-cpu.json").write_text(json.dumps(result, indent=2))
+    table = ["| wafers | lots | wafers/s end to end | peak RSS by quarter (MiB) | projected hours for 811,457 |",
+             "|---:|---:|---:|---|---:|",
+             f"| {result['wafers']:,} | {result['lots']:,} | {result['wafers_per_s_end_to_end']} | "
+             f"{' / '.join(f'{q:.0f}' for q in quarters)} | {result['projected_hours_811457_cpu']} |"]
+    (RESULTS / "scale-cpu.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
