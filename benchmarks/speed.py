@@ -151,15 +151,6 @@ def worker(variant: Variant, group: dict, conn) -> None:
                 timings.append((tuple(padded[i].shape[-2:]), len(padded[i]), time.perf_counter() - start))
         return timings
 
-        def predict(maps_batch: torch.Tensor) -> torch.Tensor:
-            net.eval()
-            try:
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant.bf16):
-                    logits = net(model_input(maps_batch, CPU, variant.channels_last))
-            finally:
-                net.train()
-            return logits.float().argmax(1).to(torch.uint8).masked_fill_(maps_batch != FAIL, 0)
-
     while True:
         command = conn.recv()
         if command == "stop":
