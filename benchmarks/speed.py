@@ -480,6 +480,13 @@ def flops_per_wafer(width: float, shapes: list[tuple[int, int]]) -> dict[str, fl
     return {"forward": float(np.mean([cache[s][0] for s in shapes])), "train": float(np.mean([cache[s][1] for s in shapes]))}
 
 
+def _peaks(flags: str, gcycles: float) -> dict:
+    bf16, kind = ((1024, "amx_bf16") if "amx_bf16" in flags else (128, "avx512_bf16") if "avx512_bf16" in flags
+                  else (64, "fp32 (no bf16 units)"))
+    return {"peak_fp32_gflops": gcycles * 64, "peak_fp32_flops_per_cycle": 64,
+            "peak_amx_bf16_gflops": gcycles * bf16, "peak_bf16_flops_per_cycle": bf16, "peak_bf16_kind": kind}
+
+
 def machine() -> dict:
     flags = Path("/proc/cpuinfo").read_text()
     mhz = float(next(line.split(":")[1] for line in flags.splitlines() if line.startswith("cpu MHz")))
@@ -490,17 +497,16 @@ def machine() -> dict:
         "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "torch": torch.__version__,
         "onednn": torch.backends.mkldnn.version() if hasattr(torch.backends.mkldnn, "version") else "?",
         "python": platform.python_version(), "load_average_at_start": os.getloadavg(),
-        # Peak assumptions: 2 AVX-512 FMA units (32 fp32 FMAs = 64 FLOPs per cycle per core); AMX TMUL
-        # 512 bf16 FMAs = 1024 FLOPs per cycle per core; the nominal clock (AVX-512/AMX licences run lower).
-        "peak_fp32_gflops": cores * mhz / 1e3 * 64,
-        "peak_amx_bf16_gflops": cores * mhz / 1e3 * 1024,
+        # Peak assumptions (FLOPs per cycle per core at the nominal clock; turbo runs higher, AVX-512/AMX
+        # licences lower): 2 AVX-512 FMA units = 64 fp32, AVX512-BF16 dot products = 128, AMX TMUL = 1024 bf16.
+        **_peaks(flags, cores * mhz / 1e3),
     }
 
 
 # --- report -----------------------------------------------------------------------------------------------
 
 
-def write_reports(groups: list[Group], info: dict, quick: bool, seconds: float) -> dict:
+def write_reports(groups: list[Group], info: dict, quick: bool, seconds: float, out_name: str) -> dict:
     rows = []
     for g in groups:
         for name, r in g.results.items():
@@ -511,7 +517,8 @@ def write_reports(groups: list[Group], info: dict, quick: bool, seconds: float) 
                          **{k: v for k, v in r.items() if k not in ("variant", "seconds", "ratios")},
                          "round_seconds": r["seconds"], "round_speedups": r["ratios"],
                          "gflops_per_wafer": flops / 1e9, "achieved_gflops": gflops, "share_of_peak": gflops / peak,
-                         "peak_used": "amx_bf16" if peak == info["peak_amx_bf16_gflops"] else "fp32_avx512"})
+                         "peak_used": info.get("peak_bf16_kind", "amx_bf16") if peak == info["peak_amx_bf16_gflops"]
+                         else "fp32_avx512"})
 
     def best(mode: str) -> dict | None:
         candidates = [r for r in rows if r["mode"] == mode and r["width"] == 1.0 and r["inputs"] == "64x64"
@@ -529,9 +536,8 @@ def write_reports(groups: list[Group], info: dict, quick: bool, seconds: float) 
         "quick": quick, "run_seconds": seconds, "agreement_floor": AGREEMENT_FLOOR, "machine": info, "variants": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    suffix = "-quick" if quick else ""
-    (RESULTS / f"speed-cpu{suffix}.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
-    (RESULTS / f"speed-cpu{suffix}.md").write_text(markdown(summary, rows))
+    (RESULTS / f"{out_name}.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    (RESULTS / f"{out_name}.md").write_text(markdown(summary, rows))
     return summary
 
 
@@ -546,8 +552,9 @@ def markdown(summary: dict, rows: list[dict]) -> str:
         f"({summary['infer_best_variant']}; target 5x {'met' if summary['targets']['infer_5x_met'] else 'NOT met'}), "
         f"training **{fmt(summary['train_speedup_vs_fp32'])}x** ({summary['train_best_variant']}; target 2x "
         f"{'met' if summary['targets']['train_2x_met'] else 'NOT met'}).", "",
-        f"Peak assumed: fp32 {info['peak_fp32_gflops']:.0f} GFLOP/s (AVX-512, 2 FMA units), AMX bf16 "
-        f"{info['peak_amx_bf16_gflops']:.0f} GFLOP/s (1024 FLOPs/cycle/core), nominal clock. "
+        f"Peak assumed: fp32 {info['peak_fp32_gflops']:.0f} GFLOP/s ({info.get('peak_fp32_flops_per_cycle', 64)} "
+        f"FLOPs/cycle/core), {info.get('peak_bf16_kind', 'amx_bf16')} {info['peak_amx_bf16_gflops']:.0f} GFLOP/s "
+        f"({info.get('peak_bf16_flops_per_cycle', 1024)} FLOPs/cycle/core), nominal clock. "
         f"A path is correct when its masks agree with fp32's on >= {AGREEMENT_FLOOR:.1%} of on-wafer dies "
         "(training paths: the forward of that path from the same weights; grad cos: cosine of a strided sample "
         "of all gradients with fp32's on one batch). Inputs `real`: one batch per padded size of "
@@ -582,7 +589,9 @@ def main() -> None:
     parser.add_argument("--widths", type=float, nargs="+", help="default 1.0 and 0.25 (quick: 1.0)")
     parser.add_argument("--rounds", type=int, help="timing rounds per group (default 3, quick 2)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds one pass may take")
+    parser.add_argument("--name", help="results file name (default speed-cpu, quick: speed-cpu-quick)")
     args = parser.parse_args()
+    name = args.name or ("speed-cpu-quick" if args.quick else "speed-cpu")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     started = time.perf_counter()
     plan = "quick" if args.quick else "full"
@@ -616,8 +625,8 @@ def main() -> None:
                                 and not (v.compile_mode and width != 1.0)]
                     run_in_chunks(group, variants, rounds, args.timeout)
                     groups.append(group)
-    summary = write_reports(groups, info, args.quick, time.perf_counter() - started)
-    print((RESULTS / f"speed-cpu{'-quick' if args.quick else ''}.md").read_text())
+    summary = write_reports(groups, info, args.quick, time.perf_counter() - started, name)
+    print((RESULTS / f"{name}.md").read_text())
     log.info("done in %.0fs", summary["run_seconds"])
 
 
