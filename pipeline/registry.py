@@ -8,6 +8,7 @@ import hashlib
 import io
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ R = TypeVar("R")
 log = logging.getLogger(__name__)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
+WEIGHTS_DIR = "weights"  # run artifact folder of the weights-only checkpoint
 NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}  # error codes of a missing model or alias
 # The model runs in the pipeline's own environment; naming them skips MLflow's slow requirement inference.
 PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "waferseg"]
@@ -180,19 +182,43 @@ def gate(name: str, version: str, challenger_miou: float, champion_miou_on_this_
 @retry_when_locked
 def load_model(uri: str, params: RegistryParams, device: torch.device) -> tuple[torch.nn.Module, str]:
     """A model from `models:/...` (or any MLflow URI) or a local training checkpoint, with a version label
-    that names exactly which weights produced a report."""
+    that names exactly which weights produced a report. Registry versions load from their run's weights-only
+    checkpoint (`log_weights`); only a version logged without one falls back to MLflow's pickled model."""
     path = Path(uri)
     if path.is_file():
         data = path.read_bytes()  # read once: hashed for the version label, then loaded
-        checkpoint = load_checkpoint_file(io.BytesIO(data), path)
-        model = build_model(ModelParams(**checkpoint["params"]["model"]))
-        state = checkpoint["state"].get("best_weights") or checkpoint["model"]
-        model.load_state_dict(state)
-        digest = hashlib.sha256(data).hexdigest()[:12]
-        return model.to(device).eval(), f"checkpoint:{path.name}:{digest}"
+        return _model_from_checkpoint(load_checkpoint_file(io.BytesIO(data), path), device), \
+            f"checkpoint:{path.name}:{hashlib.sha256(data).hexdigest()[:12]}"
     mlflow.set_tracking_uri(tracking_uri(params))
+    label = resolve_version(uri)
+    if uri.startswith("models:/"):
+        name, version = label.rsplit("/", 1)
+        run_id = MlflowClient().get_model_version(name, version).run_id
+        weights = _weights_artifact(run_id)
+        if weights is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=weights, dst_path=tmp))
+                return _model_from_checkpoint(load_checkpoint_file(local, f"{uri} ({weights})"), device), label
+        log.warning("%s has no weights-only checkpoint (logged before waferseg stored one); loading MLflow's "
+                    "pickled model, which runs code from the registry: trust its source", uri)
     model = mlflow.pytorch.load_model(uri, map_location=device)
-    return model.to(device).eval(), resolve_version(uri)
+    return model.to(device).eval(), label
+
+
+def log_weights(checkpoint: Path) -> None:
+    """Log a weights-only checkpoint (train.save_model's file) to the active run, for load_model."""
+    mlflow.log_artifact(str(checkpoint), WEIGHTS_DIR)
+
+
+def _weights_artifact(run_id: str) -> str | None:
+    files = [a.path for a in MlflowClient().list_artifacts(run_id, WEIGHTS_DIR) if a.path.endswith(".pt")]
+    return files[0] if len(files) == 1 else None
+
+
+def _model_from_checkpoint(checkpoint: dict, device: torch.device) -> torch.nn.Module:
+    model = build_model(ModelParams(**checkpoint["params"]["model"]))
+    model.load_state_dict(checkpoint["state"].get("best_weights") or checkpoint["model"])
+    return model.to(device).eval()
 
 
 def resolve_version(uri: str) -> str:

@@ -316,6 +316,7 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
             mlflow.log_artifact(str(plot), "plots")
         mlflow.log_dict({"matrix": confusion.matrix.tolist(), "metrics": metrics}, "metrics/test_confusion.json")
         example = np.stack([test_wafers[0].map])
+        registry.log_weights(params.train.model_out)
         info = registry.log_model(result.model, example, params.registry.model_name)
         model_version = str(info.registered_model_version)
 

@@ -60,10 +60,17 @@ def test_training_lowers_loss_and_logs_an_mlflow_run(tiny, monkeypatch):
     assert artifacts == {"plots/confusion_test.png", "plots/overlays_test.png"}
     version = client.get_model_version_by_alias("wafer-fcn8s", "champion")
     assert str(version.version) == summary["model_version"] and summary["promoted"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "weights")] == ["weights/model.pt"]
     mlflow.set_tracking_uri(params.registry.tracking_uri)
+
+    def unpickle(*args, **kwargs):
+        raise AssertionError("a registry model was unpickled")
+
+    monkeypatch.setattr(mlflow.pytorch, "load_model", unpickle)  # registry versions load weights only
     loaded, label = registry.load_model("models:/wafer-fcn8s@champion", params.registry, torch.device("cpu"))
     assert label == f"wafer-fcn8s/{version.version}"
-    assert isinstance(loaded, torch.nn.Module)
+    reference = torch.load(params.train.model_out, weights_only=True)["model"]
+    assert all(torch.equal(weight, reference[name]) for name, weight in loaded.state_dict().items())
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny):
