@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,10 +11,9 @@ import pytest
 
 from pipeline import report
 from pipeline.infer import claim_lot, infer
-from pipeline.io import write_npy_lots
 from pipeline.locks import hold_lock, release
 
-from .catalogue import good_wafer
+from .workloads import lot_id, lots_inbox, python_child
 
 N_LOTS = 30
 RUNS = 2
@@ -35,22 +32,13 @@ Path(sys.argv[4]).write_text(json.dumps({"reported": summary.reported_lots, "rea
 """
 
 
-def _inbox(root: Path, lots: int) -> Path:
-    inbox = root / "inbox"
-    write_npy_lots([good_wafer(f"L{lot:02d}", f"w{i}", seed=lot * 10 + i, size=24)
-                    for lot in range(lots) for i in range(3)], inbox)
-    return inbox
-
-
 def test_two_runs_on_one_inbox_report_every_lot_exactly_once(tmp_path, params, checkpoint):
     params = params.model_copy(update={"infer": params.infer.model_copy(update={"chunk_wafers": 3})})
-    inbox, out, go = _inbox(tmp_path, N_LOTS), tmp_path / "out", tmp_path / "go"
+    inbox, out, go = lots_inbox(tmp_path, N_LOTS, per_lot=3), tmp_path / "out", tmp_path / "go"
     (tmp_path / "params.json").write_text(params.model_dump_json())
     results = [tmp_path / f"run{i}.json" for i in range(RUNS)]
-    children = [subprocess.Popen([sys.executable, "-c", INFER_CHILD, str(tmp_path / "params.json"), str(inbox),
-                                  str(out), str(result), str(go), checkpoint],
-                                 cwd=Path(__file__).parents[2], stderr=subprocess.PIPE, text=True)
-                for result in results]
+    children = [python_child(INFER_CHILD, str(tmp_path / "params.json"), str(inbox), str(out), str(result), str(go),
+                             checkpoint) for result in results]
     deadline = time.monotonic() + 300
     while not all(Path(f"{r}.ready").exists() for r in results) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -60,14 +48,14 @@ def test_two_runs_on_one_inbox_report_every_lot_exactly_once(tmp_path, params, c
 
     runs = [json.loads(result.read_text()) for result in results]
     reported = [lot for run in runs for lot in run["reported"]]
-    expected = [f"L{lot:02d}" for lot in range(N_LOTS)]
+    expected = [lot_id(lot) for lot in range(N_LOTS)]
     assert sorted(reported) == expected, f"a lot reported twice or not at all: {runs}"
     assert all(run["read"] == 3 * N_LOTS for run in runs)
     assert all(report.read_manifest(out / lot) for lot in expected)
 
 
 def test_a_lot_held_by_another_run_is_left_to_it_then_reported_by_the_next_run(tmp_path, params, checkpoint):
-    inbox, out = _inbox(tmp_path, 3), tmp_path / "out"
+    inbox, out = lots_inbox(tmp_path, 3, per_lot=3), tmp_path / "out"
     held = claim_lot(out, "L01")  # another run is writing L01's report
     first = infer(inbox, out, params, model_uri=checkpoint)
     assert first.reported_lots == ["L00", "L02"] and first.lots_left_to_others == 1

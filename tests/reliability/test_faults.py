@@ -8,7 +8,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from pipeline.report import ReportWriteError
 from pipeline.train import fit
 
 from .catalogue import good_wafer
+from .workloads import lots_inbox, python_child
 
 READY = "epoch-1-done"
 CHILD_TIMEOUT_S = 300
@@ -40,11 +40,6 @@ def _wait_for(condition, what: str, process: subprocess.Popen, timeout_s: float 
             process.kill()
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
-
-
-def _child(code: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, cwd=Path(__file__).parents[2])
 
 
 # --- SIGKILL during training -----------------------------------------------------------------------------
@@ -89,7 +84,7 @@ def test_sigkill_mid_training_then_resume_reaches_the_uninterrupted_weights(smal
 
     killed = _in(params, root / "killed")
     (root / "params.json").write_text(killed.model_dump_json())
-    child = _child(TRAIN_CHILD, str(root / "params.json"), str(root / READY))
+    child = python_child(TRAIN_CHILD, str(root / "params.json"), str(root / READY))
     _wait_for((root / READY).exists, "epoch 1", child)
     child.send_signal(signal.SIGKILL)  # in epoch 2 (or, on a slow poll, a little later: never past epoch 5)
     assert child.wait() == -signal.SIGKILL
@@ -116,13 +111,6 @@ infer(Path(sys.argv[2]), Path(sys.argv[3]), params, model_uri=sys.argv[4])
 N_LOTS = 24
 
 
-def _inbox(root: Path) -> Path:
-    inbox = root / "inbox"
-    write_npy_lots([good_wafer(f"L{lot:02d}", f"w{i}", seed=lot * 10 + i, size=24)
-                    for lot in range(N_LOTS) for i in range(4)], inbox)
-    return inbox
-
-
 def _report_content(out: Path) -> dict[str, bytes | dict]:
     """Every file of every lot report, the manifests without their timestamp, the pages without theirs."""
     content: dict[str, bytes | dict] = {}
@@ -141,13 +129,13 @@ def _report_content(out: Path) -> dict[str, bytes | dict]:
 
 def test_sigkill_mid_inference_then_a_rerun_gives_the_clean_reports(tmp_path, params, checkpoint):
     params = params.model_copy(update={"infer": params.infer.model_copy(update={"chunk_wafers": 4})})
-    inbox = _inbox(tmp_path)
+    inbox = lots_inbox(tmp_path, N_LOTS, per_lot=4)
     clean = infer(inbox, tmp_path / "clean", params, model_uri=checkpoint)
     assert clean.lots_reported == N_LOTS
 
     out = tmp_path / "out"
     (tmp_path / "params.json").write_text(params.model_dump_json())
-    child = _child(INFER_CHILD, str(tmp_path / "params.json"), str(inbox), str(out), checkpoint)
+    child = python_child(INFER_CHILD, str(tmp_path / "params.json"), str(inbox), str(out), checkpoint)
     _wait_for(lambda: len(list(out.glob(f"*/{report.MANIFEST_FILE}"))) >= 2, "two lot reports", child)
     child.send_signal(signal.SIGKILL)
     assert child.wait() == -signal.SIGKILL
