@@ -4,7 +4,7 @@ unlabeled real wafers, and 16 example overlays.
     .venv/bin/python benchmarks/real_data.py --model models/fcn8s.pt
 
 WM-811K labels are per wafer (no die masks), so the comparison is the wafer's label against the dominant
-predicted pattern (`evaluate.dominant_class`, infer.min_pattern_dies). Writes
+predicted pattern (`patterns.wafer_patterns`, infer.min_pattern_dies). Writes
 benchmarks/results/real-data.{json,md} and docs/real_overlays.png.
 """
 
@@ -20,14 +20,15 @@ import pandas as pd
 import torch
 
 from pipeline import viz
-from pipeline.evaluate import dominant_class
 from pipeline.io import read_wafers
+from pipeline.labels import expected_dominant
 from pipeline.params import load_params
+from pipeline.patterns import wafer_patterns
 from pipeline.predict import predict_wafers
 from pipeline.registry import load_model
 from pipeline.wafer import CLASS_NAMES
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wm811k"
+DATA = Path(__file__).resolve().parents[1] / "real_data" / "wm811k"
 RESULTS = Path(__file__).parent / "results"
 OVERLAYS = Path(__file__).resolve().parents[1] / "docs" / "real_overlays.png"
 PATTERNS = ["none", *CLASS_NAMES[1:]]
@@ -37,7 +38,7 @@ PER_PATTERN = 4  # overlays per predicted pattern: 4 x 4 = 16
 def predicted_patterns(model, wafers, params, device) -> tuple[list[np.ndarray], list[str]]:
     masks = predict_wafers(model, wafers, params.infer.batch_wafers, device, params.infer.amp,
                            params.infer.channels_last)
-    return masks, [dominant_class(m, w.map, params.infer.min_pattern_dies) for m, w in zip(masks, wafers)]
+    return masks, [wafer_patterns(m, w.map, params.infer.min_pattern_dies)[1] for m, w in zip(masks, wafers)]
 
 
 def overlay_examples(wafers, masks, patterns) -> list[list[tuple[str, np.ndarray]]]:
@@ -64,11 +65,12 @@ def main() -> None:
 
     labelled = [w for w in read_wafers(args.data / "sub100.csv") if w.label is not None]
     _, predicted = predicted_patterns(model, labelled, params, device)
-    confusion = pd.crosstab(pd.Series([w.label for w in labelled], name="WM-811K label"),
+    expected = [expected_dominant(w.label) for w in labelled]
+    confusion = pd.crosstab(pd.Series(expected, name="WM-811K label"),
                             pd.Series(predicted, name="predicted"))
     confusion = confusion.reindex(columns=[p for p in PATTERNS if p in confusion.columns or p == "none"],
                                   fill_value=0)
-    agree = sum(w.label == p for w, p in zip(labelled, predicted))
+    agree = sum(e == p for e, p in zip(expected, predicted))
 
     unlabeled = read_wafers(args.data / "unlabeled_lots.parquet")
     masks, patterns = predicted_patterns(model, unlabeled, params, device)

@@ -45,7 +45,7 @@ from pipeline.predict import (  # noqa: E402
 from pipeline.wafer import FAIL, OFF_WAFER  # noqa: E402
 
 log = logging.getLogger("speed")
-REAL_LOTS = ROOT.parent / "shared/data/wm811k/unlabeled_lots.parquet"
+REAL_LOTS = ROOT / "real_data/wm811k/unlabeled_lots.parquet"
 RESULTS = Path(__file__).with_name("results")
 AGREEMENT_FLOOR = 0.999
 CPU = torch.device("cpu")

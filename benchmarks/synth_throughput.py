@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/synth_throughput.py
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/synth_throughput.py \
-        --real ../shared/data/wm811k/unlabeled_lots.parquet --png reports/synth_vs_real.png
+        --real real_data/wm811k/unlabeled_lots.parquet --png reports/synth_vs_real.png
 
 Throughput counts generation only (wafers are consumed and dropped). The calibration loads the die table
 with a small pandas grouping, so it does not depend on pipeline.io.

@@ -61,7 +61,7 @@ def generate_synthetic(params: Params) -> int:
 def build_training_set(params: Params) -> str:
     dataset.merge_datasets([params.dataset.synthetic_dir, params.data.store], params.dataset.dir, params.dataset,
                            params.seed)
-    return versioning.dataset_version(params.dataset.dir)
+    return versioning.training_set_version(params.dataset.dir, params.real)
 
 
 @task(name="champion-dataset", tags=["registry"])
@@ -104,7 +104,10 @@ def summary_markdown(params: Params, dataset_md5: str | None, trained: dict | No
                      inferred: infer.InferSummary) -> str:
     if trained:
         model = (f"trained model version **{trained['model_version']}** (run `{trained['run_id']}`): test mIoU "
-                 f"{trained['test_miou']:.4f}, defect mIoU {trained['test_defect_miou']:.4f}\n\n"
+                 f"{trained['test_miou']:.4f}, defect mIoU {trained['test_defect_miou']:.4f}; real test: WM-811K "
+                 f"balanced accuracy {trained.get('test_wm811k_balanced_accuracy', float('nan')):.4f}, false alarms "
+                 f"{trained.get('test_wm811k_false_alarm_rate', float('nan')):.4f}, MixedWM38 exact match "
+                 f"{trained.get('test_mixedwm38_exact_match', float('nan')):.4f}\n\n"
                  f"gate: {trained['gate']}")
     else:
         model = f"training skipped: no new data since champion version **{champion}** was trained"

@@ -155,14 +155,16 @@ def init(
 def train(
     dataset_dir: Annotated[Optional[Path], typer.Option("--dataset", help="Dataset dir (default: dataset.dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    from_scratch: Annotated[bool, typer.Option(
+        "--from-scratch", help="Do not warm-start from the champion's weights (see train.warm_start).")] = False,
     params_path: ParamsOption = DEFAULT_PARAMS,
     profile: ProfileOption = None,
 ) -> None:
-    """Train FCN-8s, log the run to MLflow, register the model and apply the champion gate."""
+    """Train FCN-8s on synthetic and real wafers, log the run to MLflow, register the model, apply the gate."""
     from pipeline.train import train_and_register
 
     params = _params(params_path, profile)
-    summary = train_and_register(params, dataset_dir or params.dataset.dir, resume=resume)
+    summary = train_and_register(params, dataset_dir or params.dataset.dir, resume=resume, from_scratch=from_scratch)
     for key, value in summary.items():
         console.print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
@@ -184,6 +186,35 @@ def evaluate(
     for key, value in metrics.items():
         if isinstance(value, float):
             console.print(f"{key}: {value:.4f}")
+
+
+@app.command("evaluate-real")
+def evaluate_real(
+    model: Annotated[Optional[str], typer.Option("--model", help="Model URI or checkpoint (default: infer.model_uri).")] = None,
+    split: Annotated[str, typer.Option("--split", help="train, val or test of the shipped real sets.")] = "test",
+    source: Annotated[Optional[list[Path]], typer.Option(
+        "--source", help="Score this labelled wafer source instead (all its wafers); repeatable.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where metrics, tables and plots go (default: real.reports_dir).")] = None,
+    params_path: ParamsOption = DEFAULT_PARAMS,
+    profile: ProfileOption = None,
+) -> None:
+    """Wafer-level scores on real labelled wafers: WM-811K recall per label, balanced accuracy and false alarms;
+    MixedWM38 exact pattern-set match and presence F1 per class."""
+    from pipeline.evaluate import evaluate_real_on
+
+    params = _params(params_path, profile)
+    tables = evaluate_real_on(model or params.infer.model_uri, params, split, out or params.real.reports_dir, source)
+    console.print(tables)
+
+
+@app.command("real-splits")
+def real_splits(params_path: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Record the fixed train/val/test split of every shipped real set (by map content) in real.splits_dir."""
+    from pipeline.realdata import write_splits
+
+    params = _params(params_path)
+    for name, splits in write_splits(params.real).items():
+        console.print(f"{name}: {splits['split'].value_counts().to_dict()}")
 
 
 @app.command()

@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import viz  # noqa: E402
+from pipeline import labels, real_eval, viz  # noqa: E402
+from pipeline.patterns import wafer_patterns  # noqa: E402
 from pipeline.predict import predict_wafers  # noqa: E402
 from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, NUM_CLASSES, OFF_WAFER, Wafer, class_die_counts  # noqa: E402,F401
 
@@ -155,18 +156,6 @@ def plot_overlays(wafers: Sequence[Wafer], predictions: Sequence[np.ndarray], pa
     return viz.save_wafer_grid(panels, Path(path), title="map | truth | prediction")
 
 
-def dominant_class(mask: np.ndarray, wafer_map: np.ndarray, min_pattern_dies: int) -> str:
-    """Name of the defect class (1-4) with the most on-wafer dies, or 'none' below min_pattern_dies.
-
-    Ties go to the lowest class id (ring < scratch < local_zone < circle), so the answer is deterministic.
-    """
-    defect_counts = class_die_counts(mask, wafer_map)[list(DEFECT_CLASSES)]
-    best = int(np.argmax(defect_counts))  # argmax returns the first maximum: the lowest class id
-    if defect_counts[best] < min_pattern_dies:
-        return "none"
-    return CLASS_NAMES[DEFECT_CLASSES[best]]
-
-
 def evaluate_predictions(
     wafers: Sequence[Wafer], predictions: Sequence[np.ndarray]
 ) -> tuple[ConfusionMatrix, dict]:
@@ -190,6 +179,25 @@ def evaluate_model(model, wafers: Sequence[Wafer], batch_wafers: int, device: to
     return evaluate_predictions(wafers, predict_wafers(model, wafers, batch_wafers, device, amp, channels_last))
 
 
+def real_outcomes(model, wafers: Sequence[Wafer], params, device: torch.device, amp: bool = False
+                  ) -> tuple[list[str], list[str]]:
+    """`patterns` and `dominant_class` of each wafer as the reports would give them."""
+    tp = params.train
+    masks = predict_wafers(model, wafers, tp.batch_wafers, device, amp, tp.channels_last)
+    decided = [wafer_patterns(mask, wafer.map, params.infer.min_pattern_dies) for wafer, mask in zip(wafers, masks)]
+    return [p for p, _ in decided], [d for _, d in decided]
+
+
+def evaluate_real(model, real: dict[str, Sequence[Wafer]], params, device: torch.device, amp: bool = False
+                  ) -> dict[str, dict]:
+    """Wafer-level scores of a model on real labelled wafers, per real set (real_eval.score_set)."""
+    scores = {}
+    for name, wafers in real.items():
+        patterns, dominant = real_outcomes(model, wafers, params, device, amp)
+        scores[name] = real_eval.score_set(name, [w.label for w in wafers], patterns, dominant)
+    return scores
+
+
 def evaluate_split(model, wafers: Sequence[Wafer], out_dir: Path, name: str, batch_wafers: int,
                    device: torch.device, amp: bool = False, channels_last: bool = False,
                    title: str | None = None) -> tuple[ConfusionMatrix, dict, list[Path]]:
@@ -203,6 +211,34 @@ def evaluate_split(model, wafers: Sequence[Wafer], out_dir: Path, name: str, bat
     return confusion, metrics, plots
 
 
+def evaluate_real_on(model_uri: str, params, split: str, out_dir: Path, sources: Sequence[Path] | None = None) -> str:
+    """The `evaluate_real` stage: a model's wafer-level scores on one split of the shipped real sets (or on
+    every wafer of labelled `sources`), written as metrics.json, real_scores.md and plots; returns the tables."""
+    from pipeline import io
+    from pipeline.registry import load_model
+    from pipeline.train import load_real, select_device, use_amp
+
+    device = select_device(params.train.device)
+    model, version = load_model(model_uri, params.registry, device)
+    if sources:
+        wafers = [w for source in sources for w in io.read_wafers(source)]
+        unlabelled = [w for w in wafers if w.label is None]
+        if unlabelled:
+            raise ValueError(f"{unlabelled[0].source}: wafer {unlabelled[0].wafer_id} has no label to score against")
+        single = all(len(labels.parse_label(w.label)) <= 1 for w in wafers)
+        # single-label data is scored both ways: by dominant class (WM-811K) and by pattern set
+        real = {"wm811k": wafers, "mixedwm38": wafers} if single else {"mixedwm38": wafers}
+        split = "source"
+    else:
+        real = {name: splits[split] for name, splits in load_real(params).items()}
+    scores = {split: evaluate_real(model, real, params, device, use_amp(params.train, device))}
+    out_dir = Path(out_dir)
+    real_eval.write_real_reports(scores, out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(
+        {"model": version, split: {name: real_eval.headline(s) for name, s in scores[split].items()}}, indent=2))
+    return (out_dir / "real_scores.md").read_text()
+
+
 def evaluate_model_on(model_uri: str, dataset_dir: Path, split: str, out_dir: Path, params) -> dict:
     """The `evaluate` stage: a registered or checkpointed model on one split of a dataset, with plots."""
     from pipeline.dataset import WaferDataset
@@ -211,7 +247,7 @@ def evaluate_model_on(model_uri: str, dataset_dir: Path, split: str, out_dir: Pa
 
     device = select_device(params.train.device)
     model, version = load_model(model_uri, params.registry, device)
-    wafers = list(WaferDataset(dataset_dir).wafers(split))
+    wafers = [w for w in WaferDataset(dataset_dir).wafers(split) if w.mask is not None]  # mIoU needs die truth
     confusion, metrics, _ = evaluate_split(model, wafers, out_dir, split, params.train.batch_wafers, device,
                                            use_amp(params.train, device), params.train.channels_last,
                                            title=f"{version} on {split}")

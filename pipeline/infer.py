@@ -153,11 +153,11 @@ def chunks_of_lots(lots: Iterator[Lot], min_wafers: int) -> Iterator[list[Lot]]:
         yield chunk
 
 
-def _read_sources(sources: Sequence[Path]) -> Iterator[Wafer | Rejected]:
+def _read_sources(sources: Sequence[Path], lot_wafers: int) -> Iterator[Wafer | Rejected]:
     """Every item of every source; a source that cannot be opened at all becomes one Rejected."""
     for source in sources:
         try:
-            yield from iter_source(source)
+            yield from iter_source(source, wafers_per_lot=lot_wafers)
         except WaferError as error:
             yield Rejected.from_error(error)
 
@@ -203,7 +203,7 @@ def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: s
             summary.skipped += len(lot.wafers)
             summary.lots_skipped += 1
 
-    lots = group_lots(read_ahead(_read_sources(sources), params.infer.read_ahead_wafers), unassigned)
+    lots = group_lots(read_ahead(_read_sources(sources, params.infer.wafer_table_lot_wafers), params.infer.read_ahead_wafers), unassigned)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="waferseg-writer") as writer, Progress(
         TextColumn("inferring"), BarColumn(), MofNCompleteColumn(), TextColumn("lots"), TimeElapsedColumn()
     ) as progress:

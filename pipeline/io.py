@@ -1,7 +1,11 @@
 """Readers and writers for every wafer-map input format of the product contract.
 
 Formats: per-wafer NumPy lots (`<lot_id>/<wafer_id>.npy` plus `.mask.npy`), die tables (`.csv` or
-`.parquet`, one row per die) and WM-811K (`LSWMD.pkl`, old pandas pickles included, and its CSV form).
+`.parquet`, one row per die), wafer tables (`.parquet`, one row per wafer: pipeline/wafer_table.py) and
+WM-811K (`LSWMD.pkl`, old pandas pickles included, and its CSV form).
+
+`Wafer.label` is the source's wafer-level label as written (a WM-811K failureType, MixedWM38 patterns
+joined by '+', or `none`), normalised by `pipeline.labels.normalise_label`; never a class name.
 
 Every reader yields validated `Wafer`s. Each bad input (a wafer, or a whole file that cannot be read)
 becomes exactly one `WaferError` naming the file and, when known, the wafer: `read_wafers` raises the
@@ -33,6 +37,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from pandas.compat import pickle_compat
 
+from pipeline.labels import WM811K_LABELS
 from pipeline.wafer import FAIL, NUM_CLASSES, PASS, Wafer, WaferError, check_id, validate_wafer
 
 log = logging.getLogger(__name__)
@@ -40,11 +45,12 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 Item = Wafer | WaferError
 
-NPY_LOT, NPY_TREE, DIE_TABLE, WM811K_PICKLE, WM811K_CSV = (
-    "npy_lot", "npy_tree", "die_table", "wm811k_pickle", "wm811k_csv",
+NPY_LOT, NPY_TREE, DIE_TABLE, WAFER_TABLE, WM811K_PICKLE, WM811K_CSV = (
+    "npy_lot", "npy_tree", "die_table", "wafer_table", "wm811k_pickle", "wm811k_csv",
 )
 
 MAX_MAP_SIDE = 4096  # default dies per map side; larger maps are refused before anything is allocated
+DEFAULT_LOT_WAFERS = 25  # a wafer table without lot_id: consecutive wafers form lots of this many
 MAX_ITEM_BYTES = 8  # the widest integer: with the side limit, it bounds what one .npy file can allocate
 NPY_SUFFIX = ".npy"
 MASK_SUFFIX = ".mask.npy"
@@ -62,20 +68,6 @@ WM811K_REQUIRED = ("waferMap", "lotName", "waferIndex")
 WM811K_CSV_SEPARATOR = "\t"
 WM811K_CSV_CHUNK_ROWS = 1000
 WM811K_TRAINING = "Training"
-
-# WM-811K failureType -> the wafer's label. Writers use the first failureType listed for a label.
-WM811K_LABELS: dict[str, str] = {
-    "Center": "circle",
-    "Edge-Ring": "ring",
-    "Donut": "ring",
-    "Loc": "local_zone",
-    "Edge-Loc": "local_zone",
-    "Scratch": "scratch",
-    "none": "none",
-    "Random": "none",
-    "Near-full": "none",
-}
-_FAILURE_TYPE_OF_LABEL = {label: name for name, label in reversed(WM811K_LABELS.items())}
 
 PICKLE_PROBLEM = "pickles are only read when named explicitly (a pickle runs code); not opened"
 LINK_PROBLEM = "a symbolic link that leads out of its directory; not followed"
@@ -114,28 +106,31 @@ def source_kind(path: PathLike) -> str:
     if suffix in PICKLE_SUFFIXES:
         return WM811K_PICKLE
     if suffix == PARQUET_SUFFIX:
-        return DIE_TABLE
+        return _parquet_kind(path)
     if suffix == CSV_SUFFIX:
         names, _ = _csv_header(path)
         return WM811K_CSV if "waferMap" in names else DIE_TABLE
     raise WaferError(
         path,
         f"unknown input format {suffix or '(no suffix)'!r}: expected a lot directory, a directory of lots, "
-        "a .csv or .parquet die table, or a WM-811K .pkl or .csv",
+        "a .csv or .parquet die table, a .parquet wafer table, or a WM-811K .pkl or .csv",
     )
 
 
-def iter_source(path: PathLike, max_map_side: int = MAX_MAP_SIDE) -> Iterator[Wafer | Rejected]:
+def iter_source(path: PathLike, max_map_side: int = MAX_MAP_SIDE,
+                wafers_per_lot: int = DEFAULT_LOT_WAFERS) -> Iterator[Wafer | Rejected]:
     """Lenient: every wafer of the source, each bad input as one Rejected with the reason.
-    A map with more than `max_map_side` dies on a side is refused before it is allocated."""
-    items = _read_items(Path(path), source_kind(path), max_map_side)
+    A map with more than `max_map_side` dies on a side is refused before it is allocated;
+    `wafers_per_lot` groups the wafers of a wafer table that has no lot_id."""
+    items = _read_items(Path(path), source_kind(path), max_map_side, wafers_per_lot)
     return (Rejected.from_error(item) if isinstance(item, WaferError) else item for item in items)
 
 
-def read_wafers(path: PathLike, max_map_side: int = MAX_MAP_SIDE) -> list[Wafer]:
+def read_wafers(path: PathLike, max_map_side: int = MAX_MAP_SIDE,
+                wafers_per_lot: int = DEFAULT_LOT_WAFERS) -> list[Wafer]:
     """Strict: every wafer of the source, or the WaferError of the first bad input."""
     wafers = []
-    for item in _read_items(Path(path), source_kind(path), max_map_side):
+    for item in _read_items(Path(path), source_kind(path), max_map_side, wafers_per_lot):
         if isinstance(item, WaferError):
             raise item
         wafers.append(item)
@@ -206,11 +201,14 @@ def write_wm811k_pickle(wafers: Iterable[Wafer], path: PathLike) -> None:
 # --- dispatch --------------------------------------------------------------------------------
 
 
-def _read_items(path: Path, kind: str, max_side: int) -> Iterator[Item]:
+def _read_items(path: Path, kind: str, max_side: int, wafers_per_lot: int = DEFAULT_LOT_WAFERS) -> Iterator[Item]:
+    from pipeline.wafer_table import read_wafer_table  # it builds on this module's helpers
+
     readers = {
         NPY_LOT: _read_npy_lot,
         NPY_TREE: _read_npy_tree,
         DIE_TABLE: _read_die_table,
+        WAFER_TABLE: lambda path, max_side: read_wafer_table(path, max_side, wafers_per_lot),
         WM811K_PICKLE: _read_wm811k_pickle,
         WM811K_CSV: _read_wm811k_csv,
     }
@@ -223,6 +221,18 @@ def _read_items(path: Path, kind: str, max_side: int) -> Iterator[Item]:
             wafers += 1
         yield item
     log.info("read %s (%s): %d wafers, %d rejected", path, kind, wafers, rejected)
+
+
+def _parquet_kind(path: Path) -> str:
+    """A wafer table or a die table, by the columns of its schema (the footer only). A file whose schema
+    cannot be read goes to the die-table reader, which refuses it as unreadable."""
+    from pipeline.wafer_table import is_wafer_table
+
+    try:
+        names = pq.read_schema(path).names
+    except (OSError, pa.ArrowException):
+        return DIE_TABLE
+    return WAFER_TABLE if is_wafer_table(names) else DIE_TABLE
 
 
 def _side_limit_problem(shape: tuple[int, ...], max_side: int) -> str | None:
@@ -830,13 +840,15 @@ def _failure_type_name(value: Any) -> str:
 
 
 def _wm811k_label(value: Any, path: Path, number: int, lot_id: str, wafer_id: str) -> str | None:
+    """The failureType as written (already the normalised spelling of a single WM-811K label); None when
+    unlabelled."""
     name = _failure_type_name(value)
     if not name:
         return None
     if name not in WM811K_LABELS:
         raise WaferError(path, f"data row {number}: unknown failureType {name!r} (known: "
                                f"{', '.join(WM811K_LABELS)})", lot_id, wafer_id)
-    return WM811K_LABELS[name]
+    return name
 
 
 def _parse_wafer_map(value: Any, path: Path, number: int, lot_id: str, wafer_id: str, max_side: int) -> np.ndarray:
@@ -855,11 +867,10 @@ def _wm811k_fields(wafer: Wafer, target: Path) -> tuple[float, str | None]:
     if not wafer.wafer_id.isdigit() or str(int(wafer.wafer_id)) != wafer.wafer_id:
         raise WaferError(target, "WM-811K needs a wafer_id that is a plain integer (its waferIndex)",
                          wafer.lot_id, wafer.wafer_id)
-    if wafer.label is not None and wafer.label not in _FAILURE_TYPE_OF_LABEL:
-        raise WaferError(target, f"label {wafer.label!r} has no WM-811K failureType (known labels: "
-                                 f"{', '.join(_FAILURE_TYPE_OF_LABEL)})", wafer.lot_id, wafer.wafer_id)
-    failure_type = None if wafer.label is None else _FAILURE_TYPE_OF_LABEL[wafer.label]
-    return float(int(wafer.wafer_id)), failure_type
+    if wafer.label is not None and wafer.label not in WM811K_LABELS:
+        raise WaferError(target, f"label {wafer.label!r} is not a single WM-811K failureType (one of "
+                                 f"{', '.join(WM811K_LABELS)})", wafer.lot_id, wafer.wafer_id)
+    return float(int(wafer.wafer_id)), wafer.label
 
 
 def _nested(name: str | None, as_text: bool) -> Any:

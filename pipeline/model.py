@@ -64,14 +64,15 @@ def upsample(channels: int, factor: int) -> nn.ConvTranspose2d:
     return layer
 
 
-def vgg16_stages(width: float) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
-    """VGG16 (cfg 'D') conv layers with channels scaled by `width`, split after pool3/pool4/pool5.
+def vgg16_stages(width: float, batch_norm: bool = False) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
+    """VGG16 (cfg 'D') conv layers with channels scaled by `width`, split after pool3/pool4/pool5; with
+    batch_norm, torchvision's vgg16_bn layout (BatchNorm after every conv).
 
     Built with torchvision's make_layers, exactly as vgg16() builds `features`; calling vgg16()
     itself would also allocate its 120M-parameter classifier only to throw it away.
     """
     cfg = [v if v == "M" else max(1, round(v * width)) for v in cfgs["D"]]
-    layers = list(make_layers(cfg, batch_norm=False))
+    layers = list(make_layers(cfg, batch_norm=batch_norm))
     pools = [i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
     to_pool3, to_pool4, to_pool5 = pools[2] + 1, pools[3] + 1, pools[4] + 1
     return (
@@ -118,14 +119,19 @@ class FCN(nn.Module):
 
     fp32_head = True  # False only to reproduce the crash (benchmarks/bf16_repro.py --bf16-head)
 
-    def __init__(self, arch: Arch = "fcn8s", width: float = 1.0, dropout: float = 0.5):
+    def __init__(self, arch: Arch = "fcn8s", width: float = 1.0, dropout: float = 0.5,
+                 presence_sharpness: float = 4.0, batch_norm: bool = False):
         super().__init__()
         if arch not in ("fcn8s", "fcn16s", "fcn32s"):
             raise ValueError(f"unknown arch {arch!r}; expected fcn8s, fcn16s or fcn32s")
         if width <= 0:
             raise ValueError(f"width must be > 0, got {width}")
         self.arch = arch
-        self.to_pool3, self.to_pool4, self.to_pool5 = vgg16_stages(width)
+        self.presence_sharpness = presence_sharpness
+        # Per defect class, added to its score margin over background before the wafer-level decision:
+        # calibrated on real val after training (decide.calibrate), saved with the weights.
+        self.register_buffer("pattern_offsets", torch.zeros(NUM_CLASSES - 1))
+        self.to_pool3, self.to_pool4, self.to_pool5 = vgg16_stages(width, batch_norm)
         fc = max(1, round(FC_CHANNELS * width))
         self.fc = nn.Sequential(
             Fc6(out_channels(self.to_pool5), fc),
@@ -179,6 +185,21 @@ class FCN(nn.Module):
         return self.upscore(score)
 
 
+def presence_logits(logits: torch.Tensor, fail: torch.Tensor, sharpness: float) -> torch.Tensor:
+    """Wafer-level evidence (N, 4) for each defect class, pooled from the FCN's own score maps.
+
+    Per failing die, the margin of class c's score over background; pooled over the failing dies of a
+    wafer by log-mean-exp with `sharpness` r: (1/r) log mean exp(r * margin). It lies between the mean and
+    the max of the margins, so a positive value means some die leans to class c, and a small pattern on a
+    wafer full of fails still counts. Wafers without a failing die get a large negative value.
+    """
+    margins = (logits[:, 1:] - logits[:, :1]).float().flatten(2) * sharpness  # (N, 4, dies)
+    fail = fail.flatten(1).unsqueeze(1)  # (N, 1, dies)
+    count = fail.sum(-1).clamp(min=1)
+    pooled = torch.logsumexp(margins.masked_fill(~fail, -1e4), dim=-1) - torch.log(count.float())
+    return pooled / sharpness
+
+
 def zero_conv(channels: int) -> nn.Conv2d:
     """A skip's 1x1 score layer, zero at init so the finer net starts as the coarser one (paper, 4.2)."""
     layer = nn.Conv2d(channels, NUM_CLASSES, 1)
@@ -188,7 +209,7 @@ def zero_conv(channels: int) -> nn.Conv2d:
 
 
 def build_model(params: ModelParams) -> FCN:
-    model = FCN(params.arch, params.width, params.dropout)
+    model = FCN(params.arch, params.width, params.dropout, params.presence_sharpness, params.batch_norm)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("built %s width=%g: %.1fM parameters", params.arch, params.width, n_params / 1e6)
     return model

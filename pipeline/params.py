@@ -241,6 +241,41 @@ class DataParams(Section):
         return self
 
 
+# --- real labelled sets shipped in real_data/ (pipeline/realdata.py) ---------------------------
+
+
+class RealSetParams(Section):
+    """One real labelled wafer table, and how much of its train split one epoch draws, per label."""
+
+    path: Path
+    per_label: int | None = Field(None, gt=0)  # at most this many wafers of a label per epoch (None: all)
+    min_per_label: int = Field(0, ge=0)  # rarer labels are drawn up to this many, with replacement
+    val_wafers: int | None = Field(None, gt=0)  # per-epoch model selection on this many val wafers (None: all)
+
+
+class RealParams(Section):
+    """Splits are fixed per map (realdata.split_of_map) and recorded in splits_dir; test is never trained
+    or tuned on. `wm811k` is scored by balanced accuracy, `mixedwm38` by exact pattern-set match."""
+
+    sets: dict[Literal["wm811k", "mixedwm38"], RealSetParams] = {
+        "wm811k": RealSetParams(path=Path("real_data/wm811k/wm811k_labelled.parquet")),
+        "mixedwm38": RealSetParams(path=Path("real_data/mixedwm38/mixedwm38.parquet")),
+    }
+    splits_dir: Path = Path("real_data/splits")
+    split: SplitParams = SplitParams(train=0.7, val=0.15, test=0.15)
+    reports_dir: Path = Path("reports/real")
+
+
+class PatternsParams(Section):
+    """The wafer-level decision (pipeline/patterns.py): per-class offsets on the score margins, calibrated
+    on real val after training and saved with the model; `offsets` here overrides them. A class also needs
+    infer.min_pattern_dies dies in the decided mask to be in a wafer's `patterns`."""
+
+    offsets: tuple[float, float, float, float] | None = None  # ring, scratch, local_zone, circle
+    offset_grid: tuple[float, float, int] = (-6.0, 6.0, 49)  # calibration: lo, hi, steps per class
+    calibration_rounds: int = Field(3, ge=1)
+
+
 class PreviewParams(Section):
     path: Path = Path("reports/preview.png")
     n_wafers: int = Field(8, gt=0)
@@ -255,6 +290,12 @@ class ModelParams(Section):
     arch: Literal["fcn8s", "fcn16s", "fcn32s"] = "fcn8s"
     width: float = Field(0.25, gt=0)
     dropout: Probability = 0.5
+    # Wafer-level presence is the log-mean-exp of a class's score margins over the failing dies, with this
+    # sharpness: higher comes closer to the max, lower to the mean (model.presence_logits).
+    presence_sharpness: float = Field(4.0, gt=0)
+    # BatchNorm after each encoder conv (torchvision's vgg16_bn): trains from scratch in a few epochs, where
+    # the plain VGG16 (the paper starts from ImageNet weights, which wafer maps cannot use) needs dozens.
+    batch_norm: bool = True
 
 
 # --- training (pipeline/train.py) and the registry (pipeline/registry.py) ---------------------
@@ -272,6 +313,11 @@ class TrainParams(Section):
     class_weight_power: float = Field(0.5, ge=0)
     class_weight_cap: float = Field(20.0, ge=1)
     early_stop_patience: int = Field(4, ge=1)
+    # Loss = class-weighted die cross-entropy (synthetic masks; all-background masks of real wafers labelled
+    # none/Random/Near-full) + presence_weight * BCE of the pooled presence against each wafer's label set.
+    presence_weight: float = Field(1.0, ge=0)
+    synthetic_per_epoch: int | None = Field(None, gt=0)  # synthetic train wafers drawn per epoch (None: all)
+    warm_start: bool = True  # start from the champion's weights when its architecture matches
     augment: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "bf16"] = "auto"
@@ -289,6 +335,9 @@ class RegistryParams(Section):
     system_metrics: bool = True
     lock_retries: int = Field(4, ge=0)  # a tracking DB locked by another writer: tries after the first
     lock_backoff_s: float = Field(2.0, ge=0)  # first wait; doubled after each locked try
+    # The gate: a challenger losing any score by more than gate_sigmas standard errors stays challenger.
+    gate_sigmas: float = Field(2.0, ge=0)
+    miou_noise: float = Field(0.005, ge=0)  # standard error taken for synthetic val mIoU
 
 
 # --- batch inference and reports (pipeline/infer.py, pipeline/report.py) ---------------------
@@ -304,7 +353,9 @@ class InferParams(Section):
     amp: bool = True  # bf16 autocast: measured faster on AMX CPUs and on CUDA (benchmarks/)
     channels_last: bool = True
     # A defect class needs at least this many dies on a wafer to count as that wafer's pattern.
-    min_pattern_dies: int = Field(5, ge=1)
+    min_pattern_dies: int = Field(1, ge=1)
+    # A wafer table without lot_id: consecutive wafers form lots of this many (contract, input format 3).
+    wafer_table_lot_wafers: int = Field(25, gt=0)
 
 
 class ReportParams(Section):
@@ -315,7 +366,7 @@ class ReportParams(Section):
 class FlowParams(Section):
     """The Prefect flows (flows/): where an empty lots inbox is filled from, and task retries and timeouts."""
 
-    seed_lots: Path | None = Path("../shared/data/wm811k/unlabeled_lots.parquet")
+    seed_lots: Path | None = Path("real_data/wm811k/unlabeled_lots.parquet")
     retries: int = Field(2, ge=0)  # for I/O and registry tasks; training is not retried
     retry_delay_s: float = Field(5.0, ge=0)
     io_timeout_s: float = Field(900.0, gt=0)
@@ -333,9 +384,10 @@ class Profile(Section):
     dataset: dict[str, Any] = {}
     model: dict[str, Any] = {}
     train: dict[str, Any] = {}
+    real: dict[str, Any] = {}
 
 
-ProfileName = Literal["cpu", "gpu"]
+ProfileName = Literal["cpu", "full", "gpu"]
 
 
 class Params(Section):
@@ -345,13 +397,15 @@ class Params(Section):
     dataset: DatasetParams = DatasetParams()
     data: DataParams = DataParams()
     preview: PreviewParams = PreviewParams()
+    real: RealParams = RealParams()
+    patterns: PatternsParams = PatternsParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     registry: RegistryParams = RegistryParams()
     infer: InferParams = InferParams()
     report: ReportParams = ReportParams()
     flow: FlowParams = FlowParams()
-    profiles: dict[ProfileName, Profile] = {"cpu": Profile(), "gpu": Profile()}
+    profiles: dict[ProfileName, Profile] = {"cpu": Profile(), "full": Profile(), "gpu": Profile()}
 
     @model_validator(mode="after")
     def _profiles_apply(self) -> Params:

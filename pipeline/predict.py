@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from pipeline.model import STRIDE, autocast_context, encode_maps
-from pipeline.wafer import FAIL, OFF_WAFER, Wafer
+from pipeline.patterns import Evidence, decide_masks
+from pipeline.wafer import OFF_WAFER, Wafer
 
 IGNORE_INDEX = 255
 
@@ -51,17 +52,21 @@ def stack_padded(grids: Sequence[np.ndarray], fill: int) -> np.ndarray:
     return out
 
 
-def training_batch(wafers: Sequence[Wafer]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded maps (N, H, W) uint8 and targets (N, H, W) int64 with off-wafer dies ignored."""
-    maps = stack_padded([w.map for w in wafers], OFF_WAFER)
-    targets = stack_padded([w.mask for w in wafers], IGNORE_INDEX).astype(np.int64)
-    targets[maps == OFF_WAFER] = IGNORE_INDEX
-    return torch.from_numpy(maps), torch.from_numpy(targets)
-
-
 def model_input(maps: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = encode_maps(maps.to(device, non_blocking=True))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@torch.inference_mode()
+def batch_logits(
+    model: torch.nn.Module,
+    maps: torch.Tensor,
+    device: torch.device,
+    amp: bool,
+    channels_last: bool,
+) -> torch.Tensor:
+    with autocast_context(device, training=False, enabled=amp):
+        return model(model_input(maps, device, channels_last)).float()
 
 
 @torch.inference_mode()
@@ -72,11 +77,10 @@ def predict_maps(
     amp: bool,
     channels_last: bool,
 ) -> torch.Tensor:
-    """Class per die for a padded batch; a die that passes is background by definition."""
-    with autocast_context(device, training=False, enabled=amp):
-        logits = model(model_input(maps, device, channels_last))
-    prediction = logits.argmax(dim=1).to(torch.uint8)
-    return prediction.masked_fill_(maps.to(device) != FAIL, 0)
+    """Class per die for a padded batch under the wafer-level decision (patterns.decide_masks): only the
+    classes judged present claim dies, and a die that passes is background by definition."""
+    logits = batch_logits(model, maps, device, amp, channels_last)
+    return decide_masks(logits, maps, model.pattern_offsets, model.presence_sharpness)
 
 
 def compiled_for_inference(model: torch.nn.Module) -> torch.nn.Module:
@@ -88,6 +92,25 @@ def compiled_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     about 1.2x eager bf16 + channels_last at width 1 (benchmarks/results/speed-cpu.md).
     """
     return torch.compile(model, options={"freezing": True})
+
+
+def evidence_of(
+    model: torch.nn.Module,
+    wafers: Sequence[Wafer],
+    batch_wafers: int,
+    device: torch.device,
+    amp: bool = False,
+    channels_last: bool = False,
+) -> Evidence:
+    """The decision's inputs for every wafer, in the order of `wafers` (patterns.Evidence)."""
+    model.eval()
+    parts, order = [], []
+    for batch in bucket_batches([w.shape for w in wafers], batch_wafers):
+        maps = torch.from_numpy(stack_padded([wafers[i].map for i in batch], OFF_WAFER))
+        parts.append(Evidence.gather(batch_logits(model, maps, device, amp, channels_last), maps,
+                                     model.presence_sharpness))
+        order.extend(batch)
+    return Evidence.concatenate(parts).reordered(np.argsort(order))
 
 
 def predict_wafers(

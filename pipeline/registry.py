@@ -7,6 +7,7 @@ import functools
 import hashlib
 import io
 import logging
+import math
 import os
 import tempfile
 import time
@@ -122,19 +123,43 @@ def log_model(model: torch.nn.Module, example_maps: np.ndarray, registered_name:
 
 
 @dataclass(frozen=True)
+class Score:
+    """One number the gate compares (higher is better) and its noise: the standard error of the estimate."""
+
+    value: float
+    noise: float = 0.0
+
+
+@dataclass(frozen=True)
 class GateDecision:
     promoted: bool
     challenger_version: str
-    challenger_miou: float
+    challenger: dict[str, Score]
     champion_version: str | None
-    champion_miou: float | None
+    champion: dict[str, Score] | None
+    losses: tuple[str, ...] = ()
 
     def describe(self) -> str:
+        mine = ", ".join(f"{k} {v.value:.4f}" for k, v in self.challenger.items())
         if self.champion_version is None:
-            return f"version {self.challenger_version} is champion: there was none (test mIoU {self.challenger_miou:.4f})"
-        verdict = "promoted to champion" if self.promoted else "stays challenger"
-        return (f"version {self.challenger_version} {verdict}: test mIoU {self.challenger_miou:.4f} vs champion "
-                f"version {self.champion_version} {self.champion_miou:.4f} on the same test split")
+            return f"version {self.challenger_version} is champion: there was none ({mine})"
+        theirs = ", ".join(f"{k} {v.value:.4f}" for k, v in (self.champion or {}).items())
+        if self.promoted:
+            verdict = "promoted to champion"
+        elif self.losses:
+            verdict = f"stays challenger: loses {', '.join(self.losses)} beyond the noise"
+        else:
+            verdict = "stays challenger: not better on the mean of its scores"
+        return f"version {self.challenger_version} {verdict}: {mine} vs champion version {self.champion_version} {theirs}"
+
+
+def compare(challenger: dict[str, Score], champion: dict[str, Score], sigmas: float) -> tuple[bool, tuple[str, ...]]:
+    """(promote, scores lost): a challenger loses a score when it is below the champion's by more than
+    `sigmas` standard errors of the difference; it is promoted when it loses none and its mean is higher."""
+    losses = tuple(name for name, mine in challenger.items()
+                   if mine.value < champion[name].value - sigmas * math.hypot(mine.noise, champion[name].noise))
+    better = np.mean([s.value for s in challenger.values()]) > np.mean([champion[k].value for k in challenger])
+    return (not losses and bool(better)), losses
 
 
 @retry_when_locked
@@ -163,17 +188,21 @@ def champion_dataset(name: str) -> str | None:
 
 
 @retry_when_locked
-def gate(name: str, version: str, challenger_miou: float, champion_miou_on_this_split) -> GateDecision:
-    """Alias the new version `challenger`; make it `champion` only if it beats the current champion,
-    whose mIoU `champion_miou_on_this_split(uri)` measures on the challenger's own test split."""
+def gate(name: str, version: str, challenger: dict[str, Score],
+         champion_scores_on_this_split: Callable[[str], dict[str, Score]], sigmas: float = 2.0) -> GateDecision:
+    """Alias the new version `challenger`; make it `champion` only if it loses none of its scores (synthetic
+    mIoU, each real set's score on val) beyond the noise and is better on their mean. The current champion's
+    scores are measured by `champion_scores_on_this_split(uri)` on the challenger's own val data."""
     client = MlflowClient()
     client.set_registered_model_alias(name, CHALLENGER, version)
     champion = _champion_version(name)
-    champion_miou = None if champion is None else float(champion_miou_on_this_split(f"models:/{name}/{champion}"))
-    promoted = champion is None or challenger_miou > champion_miou
+    theirs, promoted, losses = None, True, ()
+    if champion is not None:
+        theirs = champion_scores_on_this_split(f"models:/{name}/{champion}")
+        promoted, losses = compare(challenger, theirs, sigmas)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    decision = GateDecision(promoted, version, challenger_miou, champion, champion_miou)
+    decision = GateDecision(promoted, version, challenger, champion, theirs, losses)
     client.set_model_version_tag(name, version, "gate", decision.describe())
     log.info("gate: %s", decision.describe())
     return decision

@@ -39,9 +39,9 @@ import pandas as pd  # noqa: E402
 from skimage.measure import label, regionprops  # noqa: E402
 
 from pipeline import viz  # noqa: E402
-from pipeline.evaluate import dominant_class  # noqa: E402
 from pipeline.io import Rejected, replace_directory  # noqa: E402
 from pipeline.params import InferParams, ReportParams  # noqa: E402
+from pipeline.patterns import wafer_patterns  # noqa: E402
 from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, DIE_COLUMNS, OFF_WAFER, Wafer, check_id, wafer_summary  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ NO_PATTERN = "none"
 
 DEFECT_NAMES = [CLASS_NAMES[c] for c in DEFECT_CLASSES]
 SHAPE_COLUMNS = [f"{stat}_{name}" for name in DEFECT_NAMES for stat in ("regions", "largest")]
-WAFER_COLUMNS = ["lot_id", "wafer_id", "rows", "cols", "n_dies", "n_fail", *DIE_COLUMNS, "dominant_class",
+WAFER_COLUMNS = ["lot_id", "wafer_id", "rows", "cols", "n_dies", "n_fail", *DIE_COLUMNS, "patterns", "dominant_class",
                  *SHAPE_COLUMNS, "model_version"]
 SUMMARY_COLUMNS = ["lot_id", "class", "wafers_with_pattern", "total_dies", "mean_dies_per_affected_wafer"]
 QUARANTINE_COLUMNS = ["lot_id", "wafer_id", "source", "reason"]
@@ -114,7 +114,7 @@ def region_stats(mask: np.ndarray, wafer_map: np.ndarray) -> dict[str, int]:
 
 def wafer_row(wafer: Wafer, mask: np.ndarray, model_version: str, min_pattern_dies: int) -> dict:
     row = wafer_summary(wafer, mask)
-    row["dominant_class"] = dominant_class(mask, wafer.map, min_pattern_dies)
+    row["patterns"], row["dominant_class"] = wafer_patterns(mask, wafer.map, min_pattern_dies)
     row.update(region_stats(mask, wafer.map))
     row["model_version"] = model_version
     return row
@@ -124,7 +124,7 @@ def wafer_table(wafers: Sequence[Wafer], masks: Sequence[np.ndarray], model_vers
                 min_pattern_dies: int) -> pd.DataFrame:
     rows = [wafer_row(w, m, model_version, min_pattern_dies) for w, m in zip(wafers, masks)]
     table = pd.DataFrame(rows, columns=WAFER_COLUMNS)
-    integer_columns = [c for c in WAFER_COLUMNS if c not in ("lot_id", "wafer_id", "dominant_class", "model_version")]
+    integer_columns = [c for c in WAFER_COLUMNS if c not in ("lot_id", "wafer_id", "patterns", "dominant_class", "model_version")]
     return table.astype({column: "int64" for column in integer_columns})
 
 
@@ -279,6 +279,12 @@ def pattern_counts(summary: pd.DataFrame, wafers: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, dtype=object)
 
 
+def pattern_sets(wafers: pd.DataFrame) -> pd.DataFrame:
+    """Wafers per combination of patterns (`ring+scratch`, `none`...), the most frequent first."""
+    counts = wafers["patterns"].value_counts()
+    return pd.DataFrame({"patterns": counts.index, "wafers": counts.to_numpy()}, dtype=object)
+
+
 def legend_html() -> str:
     items = [(viz.PASS_COLOUR, "pass"), (viz.FAIL_COLOUR, "fail (background)")]
     items += [(viz.CLASS_COLOURS[c], CLASS_NAMES[c]) for c in DEFECT_CLASSES]
@@ -288,7 +294,7 @@ def legend_html() -> str:
 
 def wafer_figure(wafer: Wafer, mask: np.ndarray, row: dict, report: ReportParams) -> str:
     present = [f"{name} {row[f'dies_{name}']}" for name in DEFECT_NAMES if row[f"dies_{name}"]]
-    caption = (f"<b>{_e(wafer.wafer_id)}</b> &middot; {_e(row['dominant_class'])}<br>"
+    caption = (f"<b>{_e(wafer.wafer_id)}</b> &middot; {_e(row['patterns'])}<br>"
                f"{wafer.shape[0]}&times;{wafer.shape[1]}, {row['n_dies']} dies, {row['n_fail']} fail<br>"
                f"{_e(', '.join(present) or 'no pattern dies')}")
     return (f'<figure class="wafer" data-wafer-id="{_e(wafer.wafer_id)}" data-dominant="{_e(row["dominant_class"])}">'
@@ -299,7 +305,7 @@ def wafer_figure(wafer: Wafer, mask: np.ndarray, row: dict, report: ReportParams
 def lot_page(lot_id: str, wafers: Sequence[Wafer], masks: Sequence[np.ndarray], table: pd.DataFrame,
              summary: pd.DataFrame, quarantine: pd.DataFrame, model_version: str, generated_at: str,
              counts: LotCounts, infer: InferParams, report: ReportParams) -> str:
-    wafer_columns = ["wafer_id", "dominant_class", "rows", "cols", "n_dies", "n_fail", *DIE_COLUMNS[1:],
+    wafer_columns = ["wafer_id", "patterns", "dominant_class", "rows", "cols", "n_dies", "n_fail", *DIE_COLUMNS[1:],
                      *SHAPE_COLUMNS]
     figures = "\n".join(wafer_figure(w, m, r, report)
                         for w, m, r in zip(wafers, masks, table.to_dict("records")))
@@ -315,9 +321,12 @@ def lot_page(lot_id: str, wafers: Sequence[Wafer], masks: Sequence[np.ndarray], 
 <dt>Generated</dt><dd>{_e(generated_at)}</dd>
 </dl>
 <h2>Patterns</h2>
-<p>A wafer has a pattern when its predicted mask holds at least {infer.min_pattern_dies} dies of that class;
-its dominant class is the pattern with the most dies.</p>
+<p>A wafer's patterns are the classes the model judges present on it (a rule calibrated on real wafers), each
+holding at least {infer.min_pattern_dies} dies of its mask; its dominant class is the pattern with the most dies.
+A wafer with several patterns counts under each.</p>
 {html_table(pattern_counts(summary, table), ["class"])}
+<h3>Pattern sets</h3>
+{html_table(pattern_sets(table), ["patterns"])}
 <p><img alt="wafers with each pattern" src="{pattern_bar_chart(summary)}"></p>
 <h2>Wafers</h2>
 <p>Click a column header to sort.</p>

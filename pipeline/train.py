@@ -11,7 +11,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,18 +22,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from pipeline import distributed
+from pipeline import distributed, real_eval, realdata
 from pipeline.dataset import WaferDataset
-from pipeline.evaluate import evaluate_model, evaluate_split, headline_metrics
-from pipeline.model import autocast_context, build_model, load_checkpoint_file
+from pipeline.evaluate import evaluate_model, evaluate_real, evaluate_split, headline_metrics
+from pipeline.labels import label_classes
+from pipeline.model import autocast_context, build_model, load_checkpoint_file, presence_logits
 from pipeline.params import Params, TrainParams
-from pipeline.predict import IGNORE_INDEX, bucket_batches, model_input, training_batch
-from pipeline.wafer import DIE_COLUMNS
+from pipeline.patterns import Evidence, calibrate_offsets
+from pipeline.predict import IGNORE_INDEX, bucket_batches, evidence_of, model_input, stack_padded
+from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, DIE_COLUMNS, FAIL, OFF_WAFER, Wafer
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "last.pt"
 EpochCallback = Callable[[int, dict[str, float]], None]
+RealWafersOf = dict[str, list[Wafer]]  # real set name -> wafers of one split
+RealWafers = dict[str, dict[str, list[Wafer]]]  # real set name -> split -> wafers
 
 
 def select_device(name: str) -> torch.device:
@@ -51,7 +55,7 @@ def use_amp(params: TrainParams, device: torch.device) -> bool:
 
 def class_weights(dataset: WaferDataset, params: TrainParams) -> torch.Tensor:
     """(1 / frequency) ** power of each class over the train split's on-wafer dies, normalised, capped."""
-    train = dataset.index[dataset.index["split"] == "train"]
+    train = dataset.index[(dataset.index["split"] == "train") & dataset.index["has_mask"]]
     counts = train[DIE_COLUMNS].sum().to_numpy(dtype=np.float64) + 1.0
     weights = (counts.sum() / counts) ** params.class_weight_power
     weights = np.minimum(weights / weights.min(), params.class_weight_cap)
@@ -69,6 +73,18 @@ class RandomRot90(v2.Transform):
 
 
 AUGMENT = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()])
+
+
+def training_batch(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded maps (N, H, W) uint8, die targets (N, H, W) int64 (off-wafer dies and wafers without a mask
+    ignored) and presence targets (N, 4) float."""
+    maps = stack_padded([e.wafer.map for e in examples], OFF_WAFER)
+    ignored = np.full(maps.shape[1:], IGNORE_INDEX, np.uint8)
+    targets = stack_padded([e.mask if e.mask is not None else ignored[: e.wafer.shape[0], : e.wafer.shape[1]]
+                            for e in examples], IGNORE_INDEX).astype(np.int64)
+    targets[maps == OFF_WAFER] = IGNORE_INDEX
+    present = np.stack([e.present for e in examples])
+    return torch.from_numpy(maps), torch.from_numpy(targets), torch.from_numpy(present)
 
 
 def augment_batch(maps: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +111,7 @@ class TrainState:
     """Everything a resumed run needs to continue exactly where the last checkpoint left it."""
 
     epoch: int = 0
-    best_miou: float = -1.0
+    best_score: float = -1.0
     best_epoch: int = 0
     epochs_since_best: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -112,6 +128,41 @@ class TrainResult:
     device: torch.device
     amp: bool
     stopped_early: bool
+    calibration: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Example:
+    """One training wafer with what supervises it: a die mask (None: no die-level truth) and the defect
+    classes present on it (4 flags)."""
+
+    wafer: Wafer
+    mask: np.ndarray | None
+    present: np.ndarray
+
+
+def synthetic_example(wafer: Wafer) -> Example:
+    present = np.isin(DEFECT_CLASSES, wafer.mask[wafer.map == FAIL])
+    return Example(wafer, wafer.mask, present.astype(np.float32))
+
+
+def dataset_example(wafer: Wafer) -> Example:
+    """A wafer of the training dataset: die-supervised when it has a mask (synthetic, or labelled die by die),
+    else by its wafer-level label (real wafers ingested with a failure_type)."""
+    return synthetic_example(wafer) if wafer.mask is not None else real_example(wafer)
+
+
+def masked_wafers(dataset: WaferDataset, split: str) -> list[Wafer]:
+    """The wafers of a split that have die masks: what mIoU is measured on."""
+    return [w for w in dataset.wafers(split) if w.mask is not None]
+
+
+def real_example(wafer: Wafer) -> Example:
+    """A real wafer's label says which classes are present; a wafer with none of them (none, Random,
+    Near-full) is all background, so it gets an exact all-background mask."""
+    classes = label_classes(wafer.label)
+    present = np.isin(DEFECT_CLASSES, list(classes)).astype(np.float32)
+    return Example(wafer, None if classes else np.zeros(wafer.shape, np.uint8), present)
 
 
 def _save_atomically(payload: dict, path: Path) -> Path:
@@ -139,8 +190,35 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
 
 def _progress() -> Progress:
     return Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.4f}  val mIoU {task.fields[miou]:.4f}"),
+                    TextColumn("loss {task.fields[loss]:.4f}  val score {task.fields[score]:.4f}"),
                     TimeElapsedColumn(), transient=False)
+
+
+def epoch_examples(params: Params, synthetic: list[Example], real: RealWafers | None,
+                   rng: np.random.Generator) -> list[Example]:
+    """One epoch's wafers: the synthetic train split (or train.synthetic_per_epoch of it) and a stratified
+    sample of each real train split (realdata.epoch_sample)."""
+    take = params.train.synthetic_per_epoch
+    picked = list(synthetic) if take is None or take >= len(synthetic) else \
+        [synthetic[i] for i in rng.choice(len(synthetic), take, replace=False)]
+    for name, splits in (real or {}).items():
+        examples = splits["train"]
+        picked += [examples[i] for i in realdata.epoch_sample([e.wafer for e in examples], params.real.sets[name], rng)]
+    return picked
+
+
+def training_loss(logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, present: torch.Tensor,
+                  weights: torch.Tensor, params: Params) -> torch.Tensor:
+    """Class-weighted cross-entropy over the dies that have truth, plus presence_weight times the binary
+    cross-entropy of each wafer's pooled presence (model.presence_logits) against the classes it carries."""
+    logits = logits.float()
+    loss = logits.new_zeros(())
+    if (targets != IGNORE_INDEX).any():
+        loss = F.cross_entropy(logits, targets, weight=weights, ignore_index=IGNORE_INDEX)
+    if params.train.presence_weight > 0:
+        pooled = presence_logits(logits, maps == FAIL, params.model.presence_sharpness)
+        loss = loss + params.train.presence_weight * F.binary_cross_entropy_with_logits(pooled, present)
+    return loss
 
 
 def fit(
@@ -150,9 +228,11 @@ def fit(
     on_epoch: EpochCallback | None = None,
     on_start: Callable[[TrainState], None] | None = None,
     model: torch.nn.Module | None = None,
+    real: RealWafers | None = None,
 ) -> TrainResult:
-    """Train params.model (or `model`, built by the caller) on the dataset's train split, selecting the
-    epoch with the best val mIoU."""
+    """Train params.model (or `model`, built or warm-started by the caller) on the dataset's train split and
+    the real train splits in `real`, selecting the epoch with the best val score (selection_score); then
+    calibrate the wafer-level decision on the whole real val (patterns.calibrate_offsets)."""
     tp = params.train
     group, device = distributed.join(select_device(tp.device))
     amp = use_amp(tp, device)
@@ -160,12 +240,17 @@ def fit(
     model = (model if model is not None else build_model(params.model)).to(device)
     if tp.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    train_wafers = list(dataset.wafers("train"))
-    val_wafers = list(dataset.wafers("val"))
-    if not train_wafers or not val_wafers:
+    synthetic = [dataset_example(w) for w in dataset.wafers("train")]
+    val_wafers = masked_wafers(dataset, "val")
+    if not synthetic or not val_wafers:
         raise ValueError(f"{dataset.root}: training needs wafers in both train and val splits")
-    shapes = [w.shape for w in train_wafers]
-    steps_per_epoch = len(distributed.my_batches(bucket_batches(shapes, tp.batch_wafers), group))
+    real_examples = {name: {"train": [real_example(w) for w in splits["train"]]} for name, splits in (real or {}).items()}
+    real_val = {name: _val_subset(splits["val"], params.real.sets[name].val_wafers, params.seed)
+                for name, splits in (real or {}).items()}
+    # The schedule needs the number of steps up front: an epoch's size is fixed, only its draw changes.
+    first = epoch_examples(params, synthetic, real_examples, np.random.default_rng([params.seed, 0]))
+    steps_per_epoch = len(distributed.my_batches(bucket_batches([e.wafer.shape for e in first], tp.batch_wafers),
+                                                 group))
     total_steps = steps_per_epoch * tp.epochs
     optimizer = make_optimizer(model, tp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_lr(step, total_steps, tp.poly_power))
@@ -180,14 +265,14 @@ def fit(
     network = distributed.wrap(model, group, device)  # the module that trains; `model` holds its weights
     if on_start and group.is_main:
         on_start(state)
-    log.info("training %s width %.3g on %s (amp=%s): %d train / %d val wafers, %d steps per epoch",
-             params.model.arch, params.model.width, device, amp, len(train_wafers), len(val_wafers),
-             steps_per_epoch)
+    log.info("training %s width %.3g on %s (amp=%s): %d wafers per epoch (%d synthetic train, real: %s), "
+             "%d synthetic val, %d steps per epoch", params.model.arch, params.model.width, device, amp, len(first),
+             len(synthetic), {n: len(s["train"]) for n, s in real_examples.items()}, len(val_wafers), steps_per_epoch)
 
     stopped_early = False
     with _progress() as progress:
         task = progress.add_task("train", total=steps_per_epoch, epoch=state.epoch + 1, loss=math.nan,
-                                 miou=math.nan)
+                                 score=math.nan)
         while state.epoch < tp.epochs:
             if state.epochs_since_best >= tp.early_stop_patience:
                 stopped_early = True
@@ -196,18 +281,20 @@ def fit(
             # Every random draw of an epoch derives from (seed, epoch): resuming replays it exactly.
             torch.manual_seed(params.seed * 100_003 + epoch)
             rng = np.random.default_rng([params.seed, epoch])
+            examples = epoch_examples(params, synthetic, real_examples, rng)
             progress.reset(task, total=steps_per_epoch, epoch=epoch, loss=math.nan,
-                           miou=state.history[-1]["val_miou"] if state.history else math.nan)
+                           score=state.history[-1]["val_score"] if state.history else math.nan)
             network.train()
             started, loss_sum, seen = time.perf_counter(), 0.0, 0
-            for batch in distributed.my_batches(bucket_batches(shapes, tp.batch_wafers, rng), group):
-                maps, targets = training_batch([train_wafers[i] for i in batch])
+            batches = bucket_batches([e.wafer.shape for e in examples], tp.batch_wafers, rng)
+            for batch in distributed.my_batches(batches, group)[:steps_per_epoch]:
+                maps, targets, present = training_batch([examples[i] for i in batch])
                 if tp.augment:
                     maps, targets = augment_batch(maps, targets)
-                targets = targets.to(device, non_blocking=True)
+                targets, present = targets.to(device, non_blocking=True), present.to(device)
                 with autocast_context(device, training=True, enabled=amp):
                     logits = network(model_input(maps, device, tp.channels_last))
-                loss = F.cross_entropy(logits.float(), targets, weight=weights, ignore_index=IGNORE_INDEX)
+                loss = training_loss(logits, maps.to(device), targets, present, weights, params)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -217,27 +304,80 @@ def fit(
                 progress.update(task, advance=1, loss=loss_sum / seen)
             state.train_seconds += time.perf_counter() - started
             state.wafers_seen += seen
-            _, metrics = evaluate_model(model, val_wafers, tp.batch_wafers, device, amp, tp.channels_last)
             record = {"train_loss": loss_sum / seen, "lr": scheduler.get_last_lr()[0],
                       "train_wafers_per_s": seen / (time.perf_counter() - started),
-                      **{f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)}}
+                      **validation_record(model, val_wafers, real_val, params, device, amp)}
             state.epoch = epoch
             state.history.append(record)
-            if record["val_miou"] > state.best_miou:
-                state.best_miou, state.best_epoch, state.epochs_since_best = record["val_miou"], epoch, 0
+            if record["val_score"] > state.best_score:
+                state.best_score, state.best_epoch, state.epochs_since_best = record["val_score"], epoch, 0
                 state.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             else:
                 state.epochs_since_best += 1
-            progress.update(task, miou=record["val_miou"])
+            progress.update(task, score=record["val_score"])
             if group.is_main:
                 save_checkpoint(checkpoint, model, optimizer, scheduler, state, params)
             if on_epoch and group.is_main:
                 on_epoch(epoch, record)
-            log.info("epoch %d: loss %.4f, val mIoU %.4f (best %.4f @ %d)", epoch, record["train_loss"],
-                     record["val_miou"], state.best_miou, state.best_epoch)
+            log.info("epoch %d: loss %.4f, val score %.4f (best %.4f @ %d)", epoch, record["train_loss"],
+                     record["val_score"], state.best_score, state.best_epoch)
     if state.best_weights is not None:
         model.load_state_dict(state.best_weights)
-    return TrainResult(model, state, device, amp, stopped_early)
+    calibration = {}
+    if real:
+        calibration = calibrate(model, {name: splits["val"] for name, splits in real.items()}, params, device, amp)
+    return TrainResult(model, state, device, amp, stopped_early, calibration)
+
+
+def _val_subset(wafers: list[Wafer], size: int | None, seed: int) -> list[Wafer]:
+    if size is None or size >= len(wafers):
+        return wafers
+    return [wafers[i] for i in sorted(np.random.default_rng(seed).choice(len(wafers), size, replace=False))]
+
+
+def validation_record(model, val_wafers: list[Wafer], real_val: RealWafersOf, params: Params, device: torch.device,
+                      amp: bool) -> dict[str, float]:
+    """Per-epoch val metrics and `val_score`, what selects the epoch: the mean of synthetic mIoU and each
+    real set's headline score (WM-811K balanced accuracy, MixedWM38 exact match)."""
+    tp = params.train
+    _, metrics = evaluate_model(model, val_wafers, tp.batch_wafers, device, amp, tp.channels_last)
+    record = {f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)}
+    real_scores = evaluate_real(model, real_val, params, device, amp)
+    for name, scores in real_scores.items():
+        record.update(real_eval.flat_metrics(scores, f"val_{name}"))
+    record["val_score"] = selection_score(metrics["miou"], real_scores)
+    return record
+
+
+def selection_score(synthetic_miou: float, real_scores: dict[str, dict]) -> float:
+    parts = [synthetic_miou, *(real_eval.main_score(scores) for scores in real_scores.values())]
+    return float(np.mean(parts))
+
+
+def calibrate(model, real_val: RealWafersOf, params: Params, device: torch.device, amp: bool) -> dict[str, float]:
+    """Fit the per-class offsets of the wafer-level decision on the whole real val, set them on the model
+    (they travel with its weights) and return them with the val objective before and after."""
+    pp, tp = params.patterns, params.train
+    names = list(real_val)
+    evidence = [evidence_of(model, real_val[name], tp.batch_wafers, device, amp, tp.channels_last) for name in names]
+    merged = Evidence.concatenate(evidence)
+    labels = [w.label for name in names for w in real_val[name]]
+    bounds = np.cumsum([0, *[len(real_val[name]) for name in names]])
+
+    def objective(patterns: list[str], dominant: list[str]) -> float:
+        return float(np.mean([real_eval.main_score(real_eval.score_set(name, labels[a:b], patterns[a:b], dominant[a:b]))
+                              for name, a, b in zip(names, bounds[:-1], bounds[1:])]))
+
+    before = objective(*merged.decide(np.zeros(len(DEFECT_CLASSES)), params.infer.min_pattern_dies))
+    lo, hi, steps = pp.offset_grid
+    offsets, after = calibrate_offsets(merged, objective, params.infer.min_pattern_dies, np.linspace(lo, hi, int(steps)),
+                                       pp.calibration_rounds)
+    if pp.offsets is not None:
+        offsets = np.asarray(pp.offsets, dtype=np.float64)
+        log.info("patterns.offsets in params overrides the calibrated offsets: %s", offsets.tolist())
+    model.pattern_offsets.copy_(torch.as_tensor(offsets, dtype=torch.float32))
+    return {"val_objective_uncalibrated": before, "val_objective_calibrated": after,
+            **{f"offset_{CLASS_NAMES[c]}": float(o) for c, o in zip(DEFECT_CLASSES, offsets)}}
 
 
 def save_model(path: Path, model: torch.nn.Module, params: Params) -> Path:
@@ -266,24 +406,56 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, out_dir: Path | None = None) -> dict:
-    """The `train` stage: fit, evaluate on the test split, log it all to one MLflow run, register the model
-    and let the gate decide whether it becomes champion. Returns the summary it also writes as JSON."""
+def load_real(params: Params) -> RealWafers:
+    """Every real set's train, val and test wafers (their recorded splits)."""
+    return {name: realdata.load_real_set(params.real, name) for name in params.real.sets}
+
+
+def warm_start_model(params: Params, device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
+    """The champion's weights when its architecture is the one params.model builds (same layers and shapes),
+    else (None, None): training then starts from scratch."""
+    from pipeline import registry
+
+    champion = registry.current_champion(params.registry.model_name)
+    if champion is None:
+        return None, None
+    uri = f"models:/{params.registry.model_name}/{champion}"
+    loaded, label = registry.load_model(uri, params.registry, device)
+    fresh = build_model(params.model)
+    theirs = loaded.state_dict()
+    if {k: v.shape for k, v in fresh.state_dict().items()} != {k: v.shape for k, v in theirs.items()}:
+        log.info("warm start: champion %s has another architecture; training from scratch", label)
+        return None, None
+    fresh.load_state_dict(theirs)
+    log.info("warm start from the champion %s", label)
+    return fresh, label
+
+
+def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, out_dir: Path | None = None,
+                       from_scratch: bool = False) -> dict:
+    """The `train` stage: fit (warm-started from the champion unless from_scratch or train.warm_start is off),
+    score val and test (synthetic mIoU; real WM-811K and MixedWM38 wafer-level scores), log it all to one
+    MLflow run, register the model and let the gate decide whether it becomes champion."""
     import mlflow
 
     from pipeline import registry
-    from pipeline.versioning import dataset_version, dvc_md5
+    from pipeline.versioning import dvc_md5, training_set_version
 
     dataset = WaferDataset(dataset_dir)
+    real = load_real(params)
+    fit_real = {name: {"train": splits["train"], "val": splits["val"]} for name, splits in real.items()}
     if not distributed.from_env().is_main:  # other torchrun ranks train alongside rank 0, which alone records
-        fit(params, dataset, resume=resume)
+        fit(params, dataset, resume=resume, real=fit_real)
         return {}
     out_dir = Path(out_dir or params.train.reports_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     registry.configure(params.registry)
     # The DVC md5 of data/ names the labelled data; the content hash names the exact split trained on.
     version = dvc_md5(params.data) or "untracked"
-    content_hash = dataset_version(dataset_dir)
+    content_hash = training_set_version(dataset_dir, params.real)
+    warm, warm_label = (None, None)
+    if params.train.warm_start and not from_scratch and not resume:
+        warm, warm_label = warm_start_model(params, select_device(params.train.device))
 
     def start(state: TrainState) -> None:
         run = mlflow.start_run(run_id=state.run_id, log_system_metrics=params.registry.system_metrics)
@@ -291,52 +463,81 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
         if not resume or not state.history:
             mlflow.log_params(_flatten(params.model_dump(mode="json")))
             mlflow.log_params({"dataset.version": version, "dataset.content_hash": content_hash,
-                               "dataset.path": str(dataset_dir),
+                               "dataset.path": str(dataset_dir), "warm_start": warm_label or "none",
                                **{f"dataset.{s}_wafers": int((dataset.index["split"] == s).sum())
-                                  for s in ("train", "val", "test")}})
+                                  for s in ("train", "val", "test")},
+                               **{f"real.{name}.{s}_wafers": len(w) for name, splits in real.items()
+                                  for s, w in splits.items()}})
             mlflow.set_tags({"dataset_version": version, "profile": params.profile})
 
     try:
-        result = fit(params, dataset, resume=resume, on_start=start,
+        result = fit(params, dataset, resume=resume, on_start=start, model=warm, real=fit_real,
                      on_epoch=lambda epoch, record: mlflow.log_metrics(record, step=epoch))
-        test_wafers = list(dataset.wafers("test"))
-        confusion, metrics, plots = evaluate_split(result.model, test_wafers, out_dir, "test",
-                                                   params.train.batch_wafers, result.device, result.amp,
-                                                   params.train.channels_last)
+        model, device, amp, tp = result.model, result.device, result.amp, params.train
+        test_wafers = masked_wafers(dataset, "test")
+        confusion, metrics, plots = evaluate_split(model, test_wafers, out_dir, "test", tp.batch_wafers, device,
+                                                   amp, tp.channels_last)
+        real_scores = {split: evaluate_real(model, {n: s[split] for n, s in real.items()}, params, device, amp)
+                       for split in ("val", "test")}
+        plots += real_eval.write_real_reports(real_scores, out_dir)
         test_metrics = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}
-        save_model(params.train.model_out, result.model, params)
+        real_metrics = {k: v for split, by_set in real_scores.items() for name, scores in by_set.items()
+                        for k, v in real_eval.flat_metrics(scores, f"{split}_{name}").items()}
+        save_model(tp.model_out, model, params)
         write_history(result.state.history, out_dir / "history.csv")
         (out_dir / "metrics.json").write_text(json.dumps(
             {"test": headline_metrics(metrics), "best_epoch": result.state.best_epoch,
-             "best_val_miou": round(result.state.best_miou, 6)}, indent=2))
-        mlflow.log_metrics(test_metrics)
+             "best_val_score": round(result.state.best_score, 6),
+             "real": {split: {name: real_eval.headline(scores) for name, scores in by_set.items()}
+                      for split, by_set in real_scores.items()},
+             "calibration": {k: round(v, 6) for k, v in result.calibration.items()}}, indent=2))
+        mlflow.log_metrics({**test_metrics, **real_metrics, **result.calibration})
         mlflow.log_metrics({"best_epoch": result.state.best_epoch, "epochs_run": result.state.epoch,
                             "train_wafers_per_s_overall": result.state.wafers_seen / result.state.train_seconds})
         for plot in plots:
             mlflow.log_artifact(str(plot), "plots")
         mlflow.log_dict({"matrix": confusion.matrix.tolist(), "metrics": metrics}, "metrics/test_confusion.json")
+        mlflow.log_dict(real_scores, "metrics/real_scores.json")
         example = np.stack([test_wafers[0].map])
-        registry.log_weights(params.train.model_out)
-        info = registry.log_model(result.model, example, params.registry.model_name)
+        registry.log_weights(tp.model_out)
+        info = registry.log_model(model, example, params.registry.model_name)
         model_version = str(info.registered_model_version)
 
-        def champion_miou(uri: str) -> float:
-            champion, _ = registry.load_model(uri, params.registry, result.device)
-            return evaluate_model(champion, test_wafers, params.train.batch_wafers, result.device, result.amp,
-                                  params.train.channels_last)[1]["miou"]
+        synthetic_val = masked_wafers(dataset, "val")
+        real_val = {name: splits["val"] for name, splits in real.items()}
+        challenger = {"synthetic_miou": registry.Score(val_miou(model, synthetic_val, params, device, amp),
+                                                       params.registry.miou_noise),
+                      **gate_scores(real_scores["val"])}
 
-        decision = registry.gate(params.registry.model_name, model_version, metrics["miou"], champion_miou)
+        def champion_scores(uri: str) -> dict:
+            champion, _ = registry.load_model(uri, params.registry, device)
+            return {"synthetic_miou": registry.Score(val_miou(champion, synthetic_val, params, device, amp),
+                                                     params.registry.miou_noise),
+                    **gate_scores(evaluate_real(champion, real_val, params, device, amp))}
+
+        decision = registry.gate(params.registry.model_name, model_version, challenger, champion_scores,
+                                 params.registry.gate_sigmas)
         mlflow.set_tag("gate", decision.describe())
         mlflow.log_metrics({"gate_promoted": float(decision.promoted),
-                            **({"champion_test_miou": decision.champion_miou}
-                               if decision.champion_miou is not None else {})})
+                            **{f"champion_val_{k}": v.value for k, v in (decision.champion or {}).items()}})
         summary = {"run_id": result.state.run_id, "model_version": model_version, "dataset_version": version,
-                   "promoted": decision.promoted, "gate": decision.describe(), "best_epoch": result.state.best_epoch,
-                   "epochs_run": result.state.epoch, "stopped_early": result.stopped_early,
-                   "train_seconds": round(result.state.train_seconds, 1),
+                   "warm_start": warm_label, "promoted": decision.promoted, "gate": decision.describe(),
+                   "best_epoch": result.state.best_epoch, "epochs_run": result.state.epoch,
+                   "stopped_early": result.stopped_early, "train_seconds": round(result.state.train_seconds, 1),
                    "train_wafers_per_s": round(result.state.wafers_seen / result.state.train_seconds, 1),
-                   **test_metrics}
+                   **test_metrics, **real_metrics}
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float))
         return summary
     finally:
         mlflow.end_run()
+
+
+def val_miou(model, wafers: list[Wafer], params: Params, device: torch.device, amp: bool) -> float:
+    tp = params.train
+    return evaluate_model(model, wafers, tp.batch_wafers, device, amp, tp.channels_last)[1]["miou"]
+
+
+def gate_scores(real_scores: dict[str, dict]) -> dict:
+    from pipeline.registry import Score
+
+    return {name: Score(real_eval.main_score(s), real_eval.main_score_noise(s)) for name, s in real_scores.items()}

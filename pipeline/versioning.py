@@ -24,7 +24,7 @@ import yaml
 from pipeline.dataset import INDEX_FILE, WaferDataset, write_dataset
 from pipeline.io import Rejected, iter_source
 from pipeline.locks import LockHeld, hold_lock
-from pipeline.params import DataParams, Params
+from pipeline.params import DataParams, Params, RealParams
 from pipeline.wafer import Wafer, WaferError
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,19 @@ def dataset_version(root: Path | str) -> str:
         with path.open("rb") as handle:
             while chunk := handle.read(CHUNK):
                 digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def training_set_version(dataset_dir: Path | str, real: RealParams) -> str:
+    """What a model is trained on: the training dataset's content hash and every shipped real set with its
+    recorded split, hashed together; first 16 hex digits."""
+    digest = hashlib.sha256(dataset_version(dataset_dir).encode())
+    for name, real_set in sorted(real.sets.items()):
+        for path in (real_set.path, real.splits_dir / f"{name}.csv"):
+            digest.update(f"\0{name}\0".encode())
+            with Path(path).open("rb") as handle:
+                while chunk := handle.read(CHUNK):
+                    digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
@@ -225,7 +238,7 @@ def ingest(params: Params, sources: list[Path] | None = None, workspace: Path = 
         known = {(w.lot_id, w.wafer_id): w.source for w in kept}
         added: list[Wafer] = []
         for entry in entries:
-            wafers, problem = _labelled_wafers(entry, known)
+            wafers, problem = _labelled_wafers(entry, known, params.infer.wafer_table_lot_wafers)
             if problem:
                 result.quarantined[str(entry)] = problem
                 _quarantine(entry, problem, workspace / data.quarantine)
@@ -252,10 +265,11 @@ def _inbox_entries(inbox: Path) -> list[Path]:
     return sorted(entry for entry in inbox.iterdir() if not entry.name.startswith("."))
 
 
-def _labelled_wafers(entry: Path, known: dict[tuple[str, str], str]) -> tuple[list[Wafer], str | None]:
+def _labelled_wafers(entry: Path, known: dict[tuple[str, str], str], lot_wafers: int
+                     ) -> tuple[list[Wafer], str | None]:
     """Every wafer of one inbox entry, or the first reason to refuse the whole entry."""
     try:
-        items = list(iter_source(entry))
+        items = list(iter_source(entry, wafers_per_lot=lot_wafers))
     except WaferError as error:
         return [], str(error)
     wafers = []
@@ -263,9 +277,9 @@ def _labelled_wafers(entry: Path, known: dict[tuple[str, str], str]) -> tuple[li
         if isinstance(item, Rejected):
             return [], f"{item.source}: {item.reason}"
         key = (item.lot_id, item.wafer_id)
-        if item.mask is None:
-            return [], f"{item.source}: wafer {item.lot_id}/{item.wafer_id} has no die mask (labelled data needs " \
-                       "a `label` column or a .mask.npy)"
+        if item.mask is None and item.label is None:
+            return [], f"{item.source}: wafer {item.lot_id}/{item.wafer_id} is not labelled (labelled data needs " \
+                       "die masks: a `label` column or a .mask.npy; or a wafer-level `failure_type`)"
         if key in known:
             return [], f"wafer {item.lot_id}/{item.wafer_id} in {item.source} is already in the dataset from {known[key]}"
         wafers.append(item)

@@ -8,7 +8,6 @@ from pipeline.evaluate import (
     ConfusionMatrix,
     class_die_counts,
     compute_metrics,
-    dominant_class,
     evaluate_predictions,
     plot_confusion,
     plot_overlays,
@@ -118,25 +117,6 @@ def test_class_die_counts_ignore_off_wafer():
     counts = class_die_counts(PREDICTION, WAFER_MAP)
     np.testing.assert_array_equal(counts, [7, 3, 1, 1, 0])  # corner 4s are off-wafer
     assert counts.sum() == np.count_nonzero(WAFER_MAP)
-
-
-def test_dominant_class_threshold_and_ties():
-    wafer_map = np.ones((4, 5), np.uint8)
-    mask = np.zeros((4, 5), np.uint8)
-    mask[0, :4] = 3  # local_zone 4 dies
-    mask[1, :4] = 2  # scratch 4 dies: tie with local_zone
-    assert dominant_class(mask, wafer_map, min_pattern_dies=5) == "none"
-    assert dominant_class(mask, wafer_map, min_pattern_dies=4) == "scratch"  # tie: lowest class id
-    mask[2, :] = 3
-    assert dominant_class(mask, wafer_map, min_pattern_dies=4) == "local_zone"
-    assert dominant_class(np.zeros_like(mask), wafer_map, min_pattern_dies=1) == "none"
-
-
-def test_dominant_class_counts_only_on_wafer_dies():
-    mask = np.where(WAFER_MAP == 0, 4, 0).astype(np.uint8)  # circle only at the four off-wafer corners
-    mask[1, 1:3] = 2
-    assert dominant_class(mask, WAFER_MAP, min_pattern_dies=2) == "scratch"
-    assert dominant_class(mask, WAFER_MAP, min_pattern_dies=3) == "none"
 
 
 def test_evaluate_predictions_matches_the_hand_case():

@@ -16,7 +16,7 @@ from pipeline.params import Params, parse_params
 from pipeline.train import TrainState, save_checkpoint
 from pipeline.wafer import validate_wafer
 
-WM811K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wm811k"
+WM811K = Path(__file__).resolve().parents[1] / "real_data" / "wm811k"
 
 
 @pytest.fixture(scope="module")

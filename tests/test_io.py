@@ -21,11 +21,11 @@ import pytest
 from pandas.core.indexes.base import _new_Index
 from pandas.core.internals import BlockManager
 
-from pipeline import io
+from pipeline import io, wafer_table
 from pipeline.io import Rejected
 from pipeline.wafer import Wafer, WaferError, validate_wafer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wm811k"
+DATA = Path(__file__).resolve().parents[1] / "real_data" / "wm811k"
 SUB100 = DATA / "sub100.csv"
 UNLABELED = DATA / "unlabeled_lots.parquet"
 
@@ -75,7 +75,7 @@ def assert_rejected(reason: str, path: Path, problem: str) -> None:
 
 def mixed_wafers() -> list[Wafer]:
     return [
-        make_wafer("lotA", "1", seed=1, mask=True, label="ring"),
+        make_wafer("lotA", "1", seed=1, mask=True, label="Edge-Ring"),
         make_wafer("lotA", "2", seed=2, trailing_off=True, label="none"),
         make_wafer("lotB", "7", rows=13, cols=8, seed=3, mask=True, trailing_off=True),
     ]
@@ -91,7 +91,7 @@ def test_sub100_csv_reads_every_wafer_with_its_label_and_shape():
     raw = pd.read_csv(SUB100, sep="\t", index_col=0)
     assert io.source_kind(SUB100) == io.WM811K_CSV
     assert len(wafers) == 100
-    assert Counter(w.label for w in wafers) == {"none": 83, "local_zone": 12, "circle": 2, None: 3}
+    assert Counter(w.label for w in wafers) == {"none": 83, "Edge-Loc": 8, "Loc": 4, "Center": 2, None: 3}
     for wafer, (_, row) in zip(wafers, raw.iterrows()):
         assert (wafer.lot_id, wafer.wafer_id) == (row.lotName, str(int(row.waferIndex)))
         np.testing.assert_array_equal(wafer.map, np.array(json.loads(row.waferMap)))
@@ -186,9 +186,9 @@ def test_die_table_of_a_million_dies_is_read(tmp_path):
 
 
 def wm811k_wafers() -> list[Wafer]:
-    labels = ["circle", "ring", "scratch", "local_zone", "none", None]
+    labels = ["Center", "Edge-Ring", "Scratch", "Edge-Loc", "none", None]
     return [make_wafer("lot1", str(i + 1), seed=i, label=label) for i, label in enumerate(labels)] + [
-        make_wafer("lot2", "12", rows=20, cols=17, seed=9, label="ring", trailing_off=True)
+        make_wafer("lot2", "12", rows=20, cols=17, seed=9, label="Donut", trailing_off=True)
     ]
 
 
@@ -213,10 +213,10 @@ def test_wm811k_pickle_round_trip(tmp_path):
 
 def test_wm811k_writers_drop_masks_with_a_warning(tmp_path, caplog):
     path = tmp_path / "wm.csv"
-    io.write_wm811k_csv([make_wafer("lot1", "1", mask=True, label="scratch")], path)
+    io.write_wm811k_csv([make_wafer("lot1", "1", mask=True, label="Scratch")], path)
 
     (read,) = io.read_wafers(path)
-    assert read.mask is None and read.label == "scratch"
+    assert read.mask is None and read.label == "Scratch"
     assert "1 masks are not written" in caplog.text
 
 
@@ -331,8 +331,18 @@ def test_source_kind_refuses_a_missing_path(tmp_path):
 def test_source_kind_refuses_an_unknown_suffix(tmp_path):
     path = tmp_path / "wafers.txt"
     path.write_text("x")
-    with pytest.raises(WaferError, match=re.escape(str(path)) + ".*unknown input format '.txt'"):
+    with pytest.raises(WaferError, match=re.escape(str(path)) + ".*unknown input format '.txt'.*wafer table"):
         io.iter_source(path)
+
+
+def test_source_kind_tells_a_wafer_table_from_a_die_table_by_its_columns(tmp_path):
+    wafers = mixed_wafers()
+    io.write_die_table(wafers, tmp_path / "dies.parquet")
+    wafer_table.write_wafer_table(wafers, tmp_path / "wafers.parquet")
+
+    assert io.source_kind(tmp_path / "dies.parquet") == io.DIE_TABLE
+    assert io.source_kind(tmp_path / "wafers.parquet") == io.WAFER_TABLE
+    assert_same_wafers(io.read_wafers(tmp_path / "wafers.parquet"), wafers, masks=False)
 
 
 def test_source_kind_refuses_an_empty_directory(tmp_path):
@@ -607,9 +617,12 @@ def test_wm811k_writers_need_integer_wafer_ids(tmp_path):
         io.write_wm811k_csv([make_wafer("lot1", "01")], tmp_path / "wm.csv")
 
 
-def test_wm811k_writers_need_a_known_label(tmp_path):
-    with pytest.raises(WaferError, match=r"label 'background' has no WM-811K failureType"):
-        io.write_wm811k_pickle([make_wafer("lot1", "1", label="background")], tmp_path / "wm.pkl")
+@pytest.mark.parametrize("label", ["local_zone", "Center+Scratch"])
+def test_wm811k_writers_need_a_single_wm811k_label(tmp_path, label):
+    """Wafer.label is the source's label, not a class name; a MixedWM38 set has no WM-811K failureType."""
+    problem = rf"wafer lot1/1: label '{re.escape(label)}' is not a single WM-811K failureType \(one of Center, "
+    with pytest.raises(WaferError, match=problem):
+        io.write_wm811k_pickle([make_wafer("lot1", "1", label=label)], tmp_path / "wm.pkl")
     assert not (tmp_path / "wm.pkl").exists()
 
 

@@ -21,7 +21,7 @@ REPORT = ReportParams(die_px=6, gap_px=1)
 RING, SCRATCH, LOCAL_ZONE, CIRCLE = 1, 2, 3, 4
 
 WAFER_COLUMNS = ["lot_id", "wafer_id", "rows", "cols", "n_dies", "n_fail", "dies_background", "dies_ring",
-                 "dies_scratch", "dies_local_zone", "dies_circle", "dominant_class",
+                 "dies_scratch", "dies_local_zone", "dies_circle", "patterns", "dominant_class",
                  "regions_ring", "largest_ring", "regions_scratch", "largest_scratch",
                  "regions_local_zone", "largest_local_zone", "regions_circle", "largest_circle", "model_version"]
 SUMMARY_COLUMNS = ["lot_id", "class", "wafers_with_pattern", "total_dies", "mean_dies_per_affected_wafer"]
@@ -115,14 +115,22 @@ def test_wafer_rows_count_dies_regions_and_dominant_class(lot_dir: Path):
     assert (two_scratches["dies_scratch"], two_scratches["regions_scratch"], two_scratches["largest_scratch"]) == (10, 2, 6)
     assert (two_scratches["dies_local_zone"], two_scratches["regions_local_zone"]) == (3, 1)
     assert two_scratches["dominant_class"] == "scratch"
+    assert two_scratches["patterns"] == "scratch"  # 3 local_zone dies are below min_pattern_dies (5)
     assert two_scratches["dies_background"] == two_scratches["n_dies"] - 13
     ring = rows.loc["02"]
     assert (ring["regions_ring"], ring["regions_circle"], ring["largest_circle"]) == (1, 1, 16)
     assert ring["largest_ring"] == ring["dies_ring"] > 16
     assert ring["dominant_class"] == "ring"
+    assert ring["patterns"] == "ring+circle"  # a mixed-pattern wafer: both, in class-id order
     clean = rows.loc["03"]
     assert (clean["rows"], clean["cols"], clean["n_dies"], clean["n_fail"]) == (10, 14, 137, 0)
     assert clean["dominant_class"] == "none" and clean["dies_background"] == 137 and clean["regions_ring"] == 0
+    assert clean["patterns"] == "none"
+    # every class in `patterns` has at least min_pattern_dies dies; dominant_class is the one with most
+    for _, row in rows.iterrows():
+        named = [] if row["patterns"] == "none" else row["patterns"].split("+")
+        assert all(row[f"dies_{name}"] >= INFER.min_pattern_dies for name in named)
+        assert row["dominant_class"] == (max(named, key=lambda n: row[f"dies_{n}"]) if named else "none")
     assert rows.loc["04", "dominant_class"] == "scratch"
     assert set(rows["model_version"]) == {MODEL} and set(rows["lot_id"]) == {LOT}
 

@@ -25,7 +25,7 @@ from pipeline.synth import (
 )
 from pipeline.wafer import FAIL, NUM_CLASSES, OFF_WAFER, Wafer, validate_wafer
 
-REAL_DIE_TABLE = Path(__file__).resolve().parents[2] / "shared/data/wm811k/unlabeled_lots.parquet"
+REAL_DIE_TABLE = Path(__file__).resolve().parents[1] / "real_data/wm811k/unlabeled_lots.parquet"
 KINDS = tuple(CLASS_ID)
 
 

@@ -15,7 +15,9 @@ from pipeline import registry, synth
 from pipeline.dataset import WaferDataset, write_dataset
 from pipeline.evaluate import evaluate_model_on
 from pipeline.params import Params, parse_params
-from pipeline.train import fit, train_and_register
+from pipeline.registry import Score
+from pipeline.train import fit, train_and_register, warm_start_model
+from tests.real_fixture import tiny_real
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,8 @@ def tiny(tmp_path_factory):
                   "model_out": str(root / "model.pt"), "reports_dir": str(root / "reports"), "early_stop_patience": 10},
         "registry": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "artifact_dir": str(root / "artifacts"),
                      "system_metrics": False},
+        "real": tiny_real(root / "real"),
+        "patterns": {"offset_grid": [-2.0, 2.0, 5], "calibration_rounds": 1},
     })
     wafers = synth.generate(params.synth, seed=params.seed, n=300, shape=(32, 32))
     write_dataset(wafers, params.dataset.dir, params.dataset, params.seed)
@@ -57,7 +61,13 @@ def test_training_lowers_loss_and_logs_an_mlflow_run(tiny, monkeypatch):
     assert run.data.params["dataset.version"] == summary["dataset_version"]
     assert 0.0 <= run.data.metrics["test_miou"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
-    assert artifacts == {"plots/confusion_test.png", "plots/overlays_test.png"}
+    assert artifacts == {"plots/confusion_test.png", "plots/overlays_test.png", "plots/real_scores.md",
+                         *(f"plots/real_{split}_{name}.png" for split in ("val", "test") for name in ("wm811k", "mixedwm38"))}
+    # every epoch is scored on real val too, and the run logs real val and test scores
+    assert len(client.get_metric_history(run.info.run_id, "val_wm811k_balanced_accuracy")) == 3
+    for key in ("val_wm811k_balanced_accuracy", "test_wm811k_false_alarm_rate", "test_mixedwm38_exact_match",
+                "val_mixedwm38_f1_ring", "val_objective_calibrated"):
+        assert 0.0 <= run.data.metrics[key] <= 1.0, key
     version = client.get_model_version_by_alias("wafer-fcn8s", "champion")
     assert str(version.version) == summary["model_version"] and summary["promoted"]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "weights")] == ["weights/model.pt"]
@@ -71,6 +81,22 @@ def test_training_lowers_loss_and_logs_an_mlflow_run(tiny, monkeypatch):
     assert label == f"wafer-fcn8s/{version.version}"
     reference = torch.load(params.train.model_out, weights_only=True)["model"]
     assert all(torch.equal(weight, reference[name]) for name, weight in loaded.state_dict().items())
+    # the calibrated decision travels with the weights
+    offsets = [run.data.metrics[f"offset_{name}"] for name in ("ring", "scratch", "local_zone", "circle")]
+    assert loaded.pattern_offsets.tolist() == pytest.approx(offsets)
+
+
+def test_warm_start_loads_the_champions_weights_when_the_architecture_matches(tiny, monkeypatch):
+    root, params = tiny
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    registry.configure(params.registry)
+    champion, _ = registry.load_model("models:/wafer-fcn8s@champion", params.registry, torch.device("cpu"))
+    warm, label = warm_start_model(params, torch.device("cpu"))
+    assert label == f"wafer-fcn8s/{registry.current_champion('wafer-fcn8s')}"
+    for name, weight in champion.state_dict().items():
+        assert torch.equal(weight, warm.state_dict()[name]), name
+    wider = params.model_copy(update={"model": params.model.model_copy(update={"width": 0.125})})
+    assert warm_start_model(wider, torch.device("cpu")) == (None, None)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny):
@@ -94,7 +120,11 @@ def test_resume_reproduces_the_uninterrupted_run(tiny):
         assert torch.equal(weight, resumed.model.state_dict()[name]), name
 
 
-def test_gate_promotes_a_better_model_and_refuses_a_worse_one(tiny, monkeypatch):
+def _scores(miou: float, wm811k: float, mixed: float) -> dict[str, Score]:
+    return {"synthetic_miou": Score(miou, 0.005), "wm811k": Score(wm811k, 0.01), "mixedwm38": Score(mixed, 0.01)}
+
+
+def test_gate_refuses_a_challenger_that_loses_real_accuracy(tiny, monkeypatch):
     root, params = tiny
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     reg = params.registry.model_copy(update={"model_name": "gate-test"})
@@ -103,20 +133,30 @@ def test_gate_promotes_a_better_model_and_refuses_a_worse_one(tiny, monkeypatch)
     client.create_registered_model("gate-test")
     measured = {}
 
-    def new_version(miou):
+    def new_version(scores):
         version = client.create_model_version("gate-test", source="file:///nowhere").version
-        measured[f"models:/gate-test/{version}"] = miou
-        return version
+        measured[f"models:/gate-test/{version}"] = scores
+        return version, scores
 
-    first = registry.gate("gate-test", new_version(0.70), 0.70, measured.__getitem__)
-    better = registry.gate("gate-test", new_version(0.80), 0.80, measured.__getitem__)
-    worse = registry.gate("gate-test", new_version(0.75), 0.75, measured.__getitem__)
+    def gate(scores):
+        return registry.gate("gate-test", *new_version(scores), measured.__getitem__, sigmas=2.0)
+
+    first = gate(_scores(0.70, 0.80, 0.80))
+    better = gate(_scores(0.72, 0.85, 0.82))
+    # far better synthetic mIoU, but WM-811K balanced accuracy 0.05 lower (> 2 x 0.014): refused
+    loses_real = gate(_scores(0.90, 0.80, 0.90))
+    # 0.01 lower on WM-811K is within the noise, and the mean is higher: promoted
+    within_noise = gate(_scores(0.73, 0.84, 0.85))
+    worse_mean = gate(_scores(0.73, 0.84, 0.84))
     assert first.promoted and first.champion_version is None
-    assert better.promoted and better.champion_miou == 0.70
-    assert not worse.promoted and worse.champion_miou == 0.80
-    assert client.get_model_version_by_alias("gate-test", "champion").version == better.challenger_version
-    assert client.get_model_version_by_alias("gate-test", "challenger").version == worse.challenger_version
-    assert "stays challenger" in client.get_model_version("gate-test", worse.challenger_version).tags["gate"]
+    assert better.promoted and better.champion["wm811k"].value == 0.80
+    assert not loses_real.promoted and loses_real.losses == ("wm811k",)
+    assert within_noise.promoted and within_noise.losses == ()
+    assert not worse_mean.promoted and worse_mean.losses == ()
+    assert client.get_model_version_by_alias("gate-test", "champion").version == within_noise.challenger_version
+    assert client.get_model_version_by_alias("gate-test", "challenger").version == worse_mean.challenger_version
+    tag = client.get_model_version("gate-test", loses_real.challenger_version).tags["gate"]
+    assert "stays challenger: loses wm811k beyond the noise" in tag
 
 
 def test_evaluate_stage_matches_the_logged_test_metrics(tiny, monkeypatch):
@@ -139,10 +179,14 @@ def test_train_stage_writes_the_model_curve_and_metrics_dvc_reads(tiny, monkeypa
     summary = json.loads((params.train.reports_dir / "train_summary.json").read_text())
     history = pd.read_csv(params.train.reports_dir / "history.csv")
     assert list(history["epoch"]) == list(range(1, summary["epochs_run"] + 1))
-    assert {"train_loss", "val_miou", "val_defect_miou"} <= set(history.columns)
+    assert {"train_loss", "val_miou", "val_defect_miou", "val_score", "val_wm811k_balanced_accuracy",
+            "val_mixedwm38_exact_match"} <= set(history.columns)
     metrics = json.loads((params.train.reports_dir / "metrics.json").read_text())
     assert metrics["test"]["miou"] == pytest.approx(summary["test_miou"], abs=1e-6)
     assert set(metrics["test"]["iou"]) == {"background", "ring", "scratch", "local_zone", "circle"}
+    assert set(metrics["real"]) == {"val", "test"} and set(metrics["real"]["test"]) == {"wm811k", "mixedwm38"}
+    assert metrics["real"]["test"]["wm811k"]["balanced_accuracy"] == pytest.approx(
+        summary["test_wm811k_balanced_accuracy"], abs=1e-4)
     # the saved model is the selected one: it scores exactly what the run logged
     evaluated = evaluate_model_on(str(params.train.model_out), params.dataset.dir, "test", root / "ev", params)
     assert evaluated["miou"] == pytest.approx(summary["test_miou"])

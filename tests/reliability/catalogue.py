@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import io
 from pipeline.wafer import MAX_ID_BYTES, Wafer, validate_wafer
@@ -331,6 +333,74 @@ TABLE_CASES = [
 ]
 
 
+# --- wafer tables ------------------------------------------------------------------------------------------
+
+
+def wafer_table_row(wafer: Wafer, failure_type: str | None = "Center") -> dict[str, object]:
+    return {"lot_id": wafer.lot_id, "wafer_id": wafer.wafer_id, "rows": wafer.shape[0], "cols": wafer.shape[1],
+            "map": wafer.map.tobytes(), "failure_type": failure_type}
+
+
+def _wafer_table_case(kind: str, spoil: Callable[[dict], list[dict]], problem: str, bad: int = 1,
+                      lot_column: bool = True) -> Case:
+    """A wafer table of good wafers plus the wafer `bad`, whose row `spoil` turns into the rows written.
+    Without the lot_id column the wafers form the lot `wafers-00000` (io.DEFAULT_LOT_WAFERS a lot).
+    A wafer table holds no masks, so ingest refuses every one of them, like WM-811K files."""
+
+    def build(root: Path) -> Built:
+        root.mkdir(parents=True)
+        rows = [*map(wafer_table_row, good_wafers()), *spoil(wafer_table_row(good_wafer(LOT, "bad", seed=5)))]
+        table = pa.Table.from_pylist(rows)
+        if not lot_column:
+            table = table.drop_columns(["lot_id"])
+        path = root / "wafers.parquet"
+        pq.write_table(table, path)
+        lot = LOT if lot_column else "wafers-00000"
+        return Built([path], path, path, GOOD, bad, f"{lot}/bad", lot)
+
+    return Case(f"wafer_table_{kind}", build, problem, labelled=False)
+
+
+def _set(**fields: object) -> Callable[[dict], list[dict]]:
+    return lambda row: [{**row, **fields}]
+
+
+def _with_values_3(row: dict) -> list[dict]:
+    grid = np.frombuffer(row["map"], np.uint8)
+    return [{**row, "map": np.where(grid == 2, 3, grid).astype(np.uint8).tobytes()}]
+
+
+def _wafer_table_file(spoil: Callable[[pa.Table], pa.Table]) -> Callable[[Path], Path]:
+    def write(directory: Path) -> Path:
+        path = directory / "wafers.parquet"
+        pq.write_table(spoil(pa.Table.from_pylist([wafer_table_row(w) for w in good_wafers("LOT-T")])), path)
+        return path
+    return write
+
+
+WAFER_TABLE_CASES = [
+    _wafer_table_case("map_wrong_length", lambda row: [{**row, "map": row["map"][:-1]}],
+                      r"table row 2: map holds 99 bytes; rows x cols 10 x 10 needs 100"),
+    _wafer_table_case("values_outside_0_1_2", _with_values_3, r"map holds values \[3\] outside \{0, 1, 2\}"),
+    _wafer_table_case("null_map", _set(map=None), r"table row 2: null map"),
+    _wafer_table_case("5000x5000", _set(rows=5000, cols=5000),
+                      r"table row 2: map shape \(5000, 5000\) exceeds the limit of 4096 dies per side"),
+    _wafer_table_case("bad_failure_type", _set(failure_type="Edge-Loc+Bogus"),
+                      r"bad failure_type: label 'Edge-Loc\+Bogus': unknown pattern\(s\) \['Bogus'\]"),
+    _wafer_table_case("non_integer_rows", _set(rows=10.5), r"table row 2: rows x cols 10\.5 x 10 are not whole"),
+    _wafer_table_case("duplicate_wafer", lambda row: [row, row], r"table row 3 repeats the wafer of table row 2",
+                      bad=2),
+    _wafer_table_case("no_lot_id_null_map", _set(map=None), r"table row 2: null map", lot_column=False),
+    _file_case("wafer_table_missing_column", _wafer_table_file(lambda table: table.drop_columns(["map"])),
+               r"missing required column\(s\) map"),
+    _file_case("wafer_table_text_rows",
+               _wafer_table_file(lambda table: table.set_column(2, "rows", table.column("rows").cast(pa.string()))),
+               r"column 'rows' has type string; integers are required"),
+    _file_case("wafer_table_header_only", _wafer_table_file(lambda table: table.slice(0, 0)),
+               r"no wafers: the table has its columns but no rows"),
+]
+
+
 # --- WM-811K and trees of lots -----------------------------------------------------------------------------
 
 
@@ -366,5 +436,5 @@ OTHER_CASES = [
     Case("tree_lot_symlink_to_outside", _tree_with_link, LINK),
 ]
 
-CASES = [*NPY_CASES, *TABLE_CASES, *OTHER_CASES]
+CASES = [*NPY_CASES, *TABLE_CASES, *WAFER_TABLE_CASES, *OTHER_CASES]
 KINDS = sorted({case.kind.removesuffix(".csv").removesuffix(".parquet") for case in CASES})

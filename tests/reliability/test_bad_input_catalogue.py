@@ -21,7 +21,8 @@ from .catalogue import CASES, Built, Case, good_wafers, marker_of
 
 CASE_IDS = [case.kind for case in CASES]
 QUARANTINE_CSV = "quarantine.csv"  # a lot's quarantine (CONTRACT.md, "Report outputs")
-CLI_CASES = ["npy_truncated", "npy_object_array_with_pickle", "dies_non_numeric_bin.csv", "dies_unsafe_lot_id.csv"]
+CLI_CASES = ["npy_truncated", "npy_object_array_with_pickle", "dies_non_numeric_bin.csv", "dies_unsafe_lot_id.csv",
+             "wafer_table_bad_failure_type"]
 
 
 def _case(kind: str) -> Case:
@@ -140,7 +141,8 @@ def test_ingest_refuses_the_bad_entry_whole_and_merges_the_others(case: Case, tm
     built = case.build(tmp_path / "in")
     _strict_error(case, built)
     if not case.labelled:
-        pytest.skip("a WM-811K file holds no die masks: ingest refuses every one (tested in tests/test_versioning.py)")
+        pytest.skip("a WM-811K file or a wafer table holds no die masks: ingest refuses every one "
+                    "(tested in tests/test_versioning.py)")
     entries = [*built.sources, _good_entry(tmp_path / "extra")]
     good_entries = [e for e in entries if e != built.bad_entry]
     expected = sum(len(io.read_wafers(entry)) for entry in good_entries)

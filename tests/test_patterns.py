@@ -1,0 +1,98 @@
+"""The wafer-level decision: patterns agree with the mask, the batch rule and the calibration rule agree."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.labels import label_classes, normalise_label, patterns_text
+from pipeline.model import presence_logits
+from pipeline.patterns import Evidence, calibrate_offsets, decide_masks, wafer_patterns
+from pipeline.wafer import CLASS_NAMES, FAIL, OFF_WAFER
+
+ROUND = np.array([[0, 1, 1, 0],
+                  [1, 1, 1, 1],
+                  [1, 1, 1, 1],
+                  [0, 1, 1, 0]], np.uint8)
+
+
+def test_wafer_patterns_threshold_ties_and_off_wafer_dies():
+    wafer_map = np.ones((4, 5), np.uint8)
+    mask = np.zeros((4, 5), np.uint8)
+    mask[0, :4] = 3  # local_zone 4 dies
+    mask[1, :4] = 2  # scratch 4 dies: tie with local_zone
+    assert wafer_patterns(mask, wafer_map, min_dies=5) == ("none", "none")
+    assert wafer_patterns(mask, wafer_map, min_dies=4) == ("scratch+local_zone", "scratch")  # tie: lowest id
+    mask[2, :] = 3
+    assert wafer_patterns(mask, wafer_map, min_dies=4) == ("scratch+local_zone", "local_zone")
+    assert wafer_patterns(mask, wafer_map, min_dies=5) == ("local_zone", "local_zone")
+    off = np.where(ROUND == OFF_WAFER, 4, 0).astype(np.uint8)  # circle only on the four off-wafer corners
+    assert wafer_patterns(off, ROUND, min_dies=1) == ("none", "none")
+
+
+def _logits(margins: np.ndarray) -> torch.Tensor:
+    """(N, 5, H, W) logits whose background score is 0 and defect scores are `margins` (N, 4, H, W)."""
+    margins = torch.as_tensor(margins, dtype=torch.float32)
+    return torch.cat([torch.zeros_like(margins[:, :1]), margins], dim=1)
+
+
+def test_presence_pools_only_failing_dies_between_mean_and_max():
+    maps = torch.tensor([[[FAIL, FAIL, 1, 0]], [[1, 1, 1, 1]]], dtype=torch.uint8)  # (2, 1, 4)
+    margins = np.zeros((2, 4, 1, 4), np.float32)
+    margins[0, 1] = [[3.0, -1.0, 50.0, 50.0]]  # the pass and off-wafer dies' 50 must not count
+    pooled = presence_logits(_logits(margins), maps == FAIL, sharpness=4.0)
+    assert -1.0 < pooled[0, 1].item() < 3.0
+    assert pooled[0, 1].item() == pytest.approx(np.log(np.mean(np.exp(4 * np.array([3.0, -1.0])))) / 4, rel=1e-5)
+    assert pooled[1].max().item() < -100  # no failing die: nothing present
+
+
+def test_decided_masks_carry_exactly_the_present_classes():
+    rng = np.random.default_rng(0)
+    maps = torch.from_numpy(rng.choice([OFF_WAFER, 1, FAIL], size=(64, 12, 12), p=[0.1, 0.5, 0.4]).astype(np.uint8))
+    logits = _logits(rng.normal(-1.0, 2.0, size=(64, 4, 12, 12)))
+    offsets = torch.tensor([0.5, -0.5, 0.0, 1.0])
+    masks = decide_masks(logits, maps, offsets, sharpness=4.0).numpy()
+    present = (presence_logits(logits, maps == FAIL, 4.0) + offsets > 0).numpy()
+    for mask, wafer_map, flags in zip(masks, maps.numpy(), present):
+        assert not mask[wafer_map != FAIL].any()  # only failing dies carry a pattern
+        carried = {c for c in range(1, 5) if (mask == c).any()}
+        assert carried <= {c + 1 for c in np.flatnonzero(flags)}
+        patterns, dominant = wafer_patterns(mask, wafer_map, 1)
+        assert patterns == patterns_text(carried)
+        assert dominant == "none" if not carried else (mask == CLASS_NAMES.index(dominant)).sum() == max(
+            (mask == c).sum() for c in carried)
+    # the calibration's vectorised rule gives the same patterns and dominant classes as the masks
+    evidence = Evidence.gather(logits, maps, 4.0)
+    patterns, dominant = evidence.decide(offsets.numpy(), 1)
+    assert (patterns, dominant) == tuple(map(list, zip(*[wafer_patterns(m, w, 1) for m, w in zip(masks, maps.numpy())])))
+    # and reordering wafers reorders their decisions
+    order = rng.permutation(64)
+    shuffled = evidence.reordered(order).decide(offsets.numpy(), 1)
+    assert shuffled[0] == [patterns[i] for i in order] and shuffled[1] == [dominant[i] for i in order]
+
+
+def test_calibration_finds_the_offset_that_separates_the_classes():
+    # wafer i has ring evidence i - 10 on its single failing die; wafers 12..19 truly carry a ring
+    n = 20
+    maps = torch.full((n, 1, 1), FAIL, dtype=torch.uint8)
+    margins = np.full((n, 4, 1, 1), -5.0, np.float32)
+    margins[:, 0, 0, 0] = np.arange(n) - 10.0
+    evidence = Evidence.gather(_logits(margins), maps, 4.0)
+    truth = ["ring" if i >= 12 else "none" for i in range(n)]
+
+    def accuracy(patterns, dominant):
+        return float(np.mean([p == t for p, t in zip(patterns, truth)]))
+
+    offsets, best = calibrate_offsets(evidence, accuracy, 1, np.linspace(-4, 4, 17), rounds=2)
+    assert best == 1.0
+    assert -2.0 <= offsets[0] < -1.0  # evidence 2 and up is a ring, 1 and below is not
+    assert offsets[1:].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_labels_map_to_the_contract_classes():
+    assert label_classes("Center+Edge-Loc+Scratch") == {2, 3, 4}
+    assert patterns_text(label_classes("Center+Edge-Loc+Scratch")) == "scratch+local_zone+circle"
+    assert patterns_text(label_classes("Donut+Edge-Ring")) == "ring"
+    assert label_classes("Near-full") == label_classes("Random") == label_classes("none") == frozenset()
+    assert normalise_label("Scratch+Center") == "Center+Scratch"
+    with pytest.raises(ValueError, match="unknown pattern"):
+        label_classes("Blob")
