@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # This machine's pip config lists local indexes; it warns once per package for the ones it skips.
 QUIET_PIP := { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: run test bench install install-dev workspace browser clean
+.PHONY: run train-full test bench install install-dev workspace browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ browser:
 # local DVC remote. A second run with no new data skips training and reprocesses nothing.
 run: install
 	$(BIN)/python -m flows.nightly
+
+# The full CPU profile (params.yaml `profiles.full`): every real train wafer each epoch, about an hour on 2 cores;
+# warm-started from the champion, gated like any nightly model.
+train-full: install
+	$(BIN)/python -m flows.nightly --profile full --always-train
 
 test: install-dev browser
 	$(BIN)/python -m pytest

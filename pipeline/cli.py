@@ -22,7 +22,7 @@ log = logging.getLogger("waferseg")
 
 ParamsOption = Annotated[Path, typer.Option("--params", help="params.yaml to read.")]
 ProfileOption = Annotated[Optional[str], typer.Option(
-    "--profile", help="cpu or gpu (default: params.yaml `profile`; auto = gpu when CUDA is present).")]
+    "--profile", help="cpu, full or gpu (default: params.yaml `profile`; auto = gpu when CUDA is present).")]
 
 
 @app.callback()

@@ -62,3 +62,11 @@ def wrap(model: torch.nn.Module, group: Group, device: torch.device) -> torch.nn
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def sync_buffers(model: torch.nn.Module, group: Group) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm running statistics): DDP broadcasts them before each
+    forward, so after an epoch's last step the ranks differ by that step alone."""
+    if group.active:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)

@@ -120,7 +120,7 @@ class FCN(nn.Module):
     fp32_head = True  # False only to reproduce the crash (benchmarks/bf16_repro.py --bf16-head)
 
     def __init__(self, arch: Arch = "fcn8s", width: float = 1.0, dropout: float = 0.5,
-                 presence_sharpness: float = 4.0, batch_norm: bool = False):
+                 presence_sharpness: float = 4.0, batch_norm: bool = False, global_context: bool = False):
         super().__init__()
         if arch not in ("fcn8s", "fcn16s", "fcn32s"):
             raise ValueError(f"unknown arch {arch!r}; expected fcn8s, fcn16s or fcn32s")
@@ -142,6 +142,10 @@ class FCN(nn.Module):
             nn.Dropout2d(dropout),
         )
         self.score_fr = nn.Conv2d(fc, NUM_CLASSES, 1)
+        # Global context (ParseNet, Liu et al. 2015): fc7 averaged over the whole map scores each class once
+        # per wafer, and that score is added to every die's. Whether a wafer carries a pattern is a whole-map
+        # question; this path answers it directly. Zero at init, so the net starts as the plain FCN.
+        self.score_global = zero_conv(fc) if global_context else None
         self._init_like_vgg()
 
         if arch == "fcn32s":
@@ -176,13 +180,16 @@ class FCN(nn.Module):
         return self.head(fc7, pool4, pool3)[..., :height, :width]
 
     def head(self, fc7: torch.Tensor, pool4: torch.Tensor, pool3: torch.Tensor) -> torch.Tensor:
-        """Class scores from fc7 and the skips, upsampled to the padded input size."""
+        """Class scores from fc7 and the skips (and the global context), upsampled to the padded input size."""
         score = self.score_fr(fc7)  # /32
         if self.arch != "fcn32s":
             score = self.upscore2(score) + self.score_pool4(pool4)  # /16
         if self.arch == "fcn8s":
             score = self.upscore_pool4(score) + self.score_pool3(pool3)  # /8
-        return self.upscore(score)
+        score = self.upscore(score)
+        if self.score_global is not None:  # added after upsampling: the same for every die of the wafer
+            score = score + self.score_global(fc7.mean(dim=(2, 3), keepdim=True))
+        return score
 
 
 def presence_logits(logits: torch.Tensor, fail: torch.Tensor, sharpness: float) -> torch.Tensor:
@@ -209,7 +216,8 @@ def zero_conv(channels: int) -> nn.Conv2d:
 
 
 def build_model(params: ModelParams) -> FCN:
-    model = FCN(params.arch, params.width, params.dropout, params.presence_sharpness, params.batch_norm)
+    model = FCN(params.arch, params.width, params.dropout, params.presence_sharpness, params.batch_norm,
+                params.global_context)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("built %s width=%g: %.1fM parameters", params.arch, params.width, n_params / 1e6)
     return model

@@ -296,6 +296,7 @@ class ModelParams(Section):
     # BatchNorm after each encoder conv (torchvision's vgg16_bn): trains from scratch in a few epochs, where
     # the plain VGG16 (the paper starts from ImageNet weights, which wafer maps cannot use) needs dozens.
     batch_norm: bool = True
+    global_context: bool = True  # a per-wafer class score from fc7 averaged over the map, added to every die's
 
 
 # --- training (pipeline/train.py) and the registry (pipeline/registry.py) ---------------------
@@ -316,6 +317,7 @@ class TrainParams(Section):
     # Loss = class-weighted die cross-entropy (synthetic masks; all-background masks of real wafers labelled
     # none/Random/Near-full) + presence_weight * BCE of the pooled presence against each wafer's label set.
     presence_weight: float = Field(1.0, ge=0)
+    partial_weight: float = Field(1.0, ge=0)  # the partial-label die loss of wafers known by their label
     synthetic_per_epoch: int | None = Field(None, gt=0)  # synthetic train wafers drawn per epoch (None: all)
     warm_start: bool = True  # start from the champion's weights when its architecture matches
     augment: bool = True
@@ -392,7 +394,7 @@ ProfileName = Literal["cpu", "full", "gpu"]
 
 class Params(Section):
     seed: int = 0
-    profile: Literal["auto", "cpu", "gpu"] = "auto"  # auto: gpu when CUDA is available
+    profile: Literal["auto", "cpu", "full", "gpu"] = "auto"  # auto: gpu when CUDA is available
     synth: SynthParams = SynthParams()
     dataset: DatasetParams = DatasetParams()
     data: DataParams = DataParams()

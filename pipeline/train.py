@@ -30,7 +30,7 @@ from pipeline.model import autocast_context, build_model, load_checkpoint_file, 
 from pipeline.params import Params, TrainParams
 from pipeline.patterns import Evidence, calibrate_offsets
 from pipeline.predict import IGNORE_INDEX, bucket_batches, evidence_of, model_input, stack_padded
-from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, DIE_COLUMNS, FAIL, OFF_WAFER, Wafer
+from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, DIE_COLUMNS, FAIL, NUM_CLASSES, OFF_WAFER, Wafer
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +75,17 @@ class RandomRot90(v2.Transform):
 AUGMENT = v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(), RandomRot90()])
 
 
-def training_batch(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def training_batch(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Padded maps (N, H, W) uint8, die targets (N, H, W) int64 (off-wafer dies and wafers without a mask
-    ignored) and presence targets (N, 4) float."""
+    ignored), presence targets (N, 4) float and allowed classes (N, 5) bool (all for masked wafers)."""
     maps = stack_padded([e.wafer.map for e in examples], OFF_WAFER)
     ignored = np.full(maps.shape[1:], IGNORE_INDEX, np.uint8)
     targets = stack_padded([e.mask if e.mask is not None else ignored[: e.wafer.shape[0], : e.wafer.shape[1]]
                             for e in examples], IGNORE_INDEX).astype(np.int64)
     targets[maps == OFF_WAFER] = IGNORE_INDEX
     present = np.stack([e.present for e in examples])
-    return torch.from_numpy(maps), torch.from_numpy(targets), torch.from_numpy(present)
+    allowed = np.stack([np.ones(NUM_CLASSES, bool) if e.allowed is None else e.allowed > 0 for e in examples])
+    return torch.from_numpy(maps), torch.from_numpy(targets), torch.from_numpy(present), torch.from_numpy(allowed)
 
 
 def augment_batch(maps: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,12 +134,14 @@ class TrainResult:
 
 @dataclass
 class Example:
-    """One training wafer with what supervises it: a die mask (None: no die-level truth) and the defect
-    classes present on it (4 flags)."""
+    """One training wafer with what supervises it: a die mask (None: no die-level truth), the defect classes
+    present on it (4 flags) and, for a wafer known only by its label, the classes its dies may take
+    (5 flags: background and the labelled ones; None when the mask says it die by die)."""
 
     wafer: Wafer
     mask: np.ndarray | None
     present: np.ndarray
+    allowed: np.ndarray | None = None
 
 
 def synthetic_example(wafer: Wafer) -> Example:
@@ -158,11 +161,11 @@ def masked_wafers(dataset: WaferDataset, split: str) -> list[Wafer]:
 
 
 def real_example(wafer: Wafer) -> Example:
-    """A real wafer's label says which classes are present; a wafer with none of them (none, Random,
-    Near-full) is all background, so it gets an exact all-background mask."""
+    """A real wafer's label says which classes are present, and so which its dies may take: background or
+    one of them (a none, Random or Near-full wafer: background only, an exact mask)."""
     classes = label_classes(wafer.label)
     present = np.isin(DEFECT_CLASSES, list(classes)).astype(np.float32)
-    return Example(wafer, None if classes else np.zeros(wafer.shape, np.uint8), present)
+    return Example(wafer, None, present, np.concatenate([[1.0], present]).astype(np.float32))
 
 
 def _save_atomically(payload: dict, path: Path) -> Path:
@@ -208,13 +211,19 @@ def epoch_examples(params: Params, synthetic: list[Example], real: RealWafers | 
 
 
 def training_loss(logits: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, present: torch.Tensor,
-                  weights: torch.Tensor, params: Params) -> torch.Tensor:
-    """Class-weighted cross-entropy over the dies that have truth, plus presence_weight times the binary
-    cross-entropy of each wafer's pooled presence (model.presence_logits) against the classes it carries."""
+                  allowed: torch.Tensor, weights: torch.Tensor, params: Params) -> torch.Tensor:
+    """Class-weighted cross-entropy over the dies that have a mask; for wafers known by their label, the
+    partial-label loss -log P(background or a labelled class) over their on-wafer dies (partial_weight), so
+    every die learns which classes the wafer cannot carry; and presence_weight times the binary cross-entropy
+    of each wafer's pooled presence (model.presence_logits) against the classes it carries."""
     logits = logits.float()
     loss = logits.new_zeros(())
     if (targets != IGNORE_INDEX).any():
         loss = F.cross_entropy(logits, targets, weight=weights, ignore_index=IGNORE_INDEX)
+    partial = (~allowed.all(dim=1))[:, None, None] & (maps != OFF_WAFER)
+    if params.train.partial_weight > 0 and partial.any():
+        log_p = F.log_softmax(logits, dim=1).masked_fill(~allowed[:, :, None, None], float("-inf"))
+        loss = loss - params.train.partial_weight * torch.logsumexp(log_p, dim=1)[partial].mean()
     if params.train.presence_weight > 0:
         pooled = presence_logits(logits, maps == FAIL, params.model.presence_sharpness)
         loss = loss + params.train.presence_weight * F.binary_cross_entropy_with_logits(pooled, present)
@@ -288,13 +297,13 @@ def fit(
             started, loss_sum, seen = time.perf_counter(), 0.0, 0
             batches = bucket_batches([e.wafer.shape for e in examples], tp.batch_wafers, rng)
             for batch in distributed.my_batches(batches, group)[:steps_per_epoch]:
-                maps, targets, present = training_batch([examples[i] for i in batch])
+                maps, targets, present, allowed = training_batch([examples[i] for i in batch])
                 if tp.augment:
                     maps, targets = augment_batch(maps, targets)
-                targets, present = targets.to(device, non_blocking=True), present.to(device)
+                targets, present, allowed = targets.to(device, non_blocking=True), present.to(device), allowed.to(device)
                 with autocast_context(device, training=True, enabled=amp):
                     logits = network(model_input(maps, device, tp.channels_last))
-                loss = training_loss(logits, maps.to(device), targets, present, weights, params)
+                loss = training_loss(logits, maps.to(device), targets, present, allowed, weights, params)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -304,6 +313,7 @@ def fit(
                 progress.update(task, advance=1, loss=loss_sum / seen)
             state.train_seconds += time.perf_counter() - started
             state.wafers_seen += seen
+            distributed.sync_buffers(model, group)
             record = {"train_loss": loss_sum / seen, "lr": scheduler.get_last_lr()[0],
                       "train_wafers_per_s": seen / (time.perf_counter() - started),
                       **validation_record(model, val_wafers, real_val, params, device, amp)}
@@ -481,8 +491,10 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
                        for split in ("val", "test")}
         plots += real_eval.write_real_reports(real_scores, out_dir)
         test_metrics = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}
+        # per-epoch `val_<set>_*` curves score a val sample before calibration; these score all of val after it
+        prefixes = {"val": "calibrated_val", "test": "test"}
         real_metrics = {k: v for split, by_set in real_scores.items() for name, scores in by_set.items()
-                        for k, v in real_eval.flat_metrics(scores, f"{split}_{name}").items()}
+                        for k, v in real_eval.flat_metrics(scores, f"{prefixes[split]}_{name}").items()}
         save_model(tp.model_out, model, params)
         write_history(result.state.history, out_dir / "history.csv")
         (out_dir / "metrics.json").write_text(json.dumps(

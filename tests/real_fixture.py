@@ -14,14 +14,15 @@ SHIPPED = {"wm811k": REAL_DATA / "wm811k" / "wm811k_labelled.parquet",
            "mixedwm38": REAL_DATA / "mixedwm38" / "mixedwm38.parquet"}
 
 
-def tiny_real(root: Path, wafers: int = 80, max_side: int = 40) -> dict:
+def tiny_real(root: Path, wafers: int = 80, max_side: int = 52) -> dict:
     """params.yaml's `real` block for `wafers` small real wafers of each set, written under `root`."""
     root.mkdir(parents=True, exist_ok=True)
     sets = {}
     for name, path in SHIPPED.items():
         table = pq.read_table(path)
         small = [i for i, (r, c) in enumerate(zip(table["rows"].to_pylist(), table["cols"].to_pylist()))
-                 if max(r, c) <= max_side or name == "mixedwm38"][:wafers]
+                 if max(r, c) <= max_side]
+        small = small[:: len(small) // wafers][:wafers]  # spread over the file: the labels come in runs
         pq.write_table(table.take(small), root / f"{name}.parquet")
         sets[name] = {"path": str(root / f"{name}.parquet"), "per_label": 8, "min_per_label": 2}
     block = {"sets": sets, "splits_dir": str(root / "splits"), "reports_dir": str(root / "reports")}

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -161,3 +162,15 @@ def test_cli_prints_read_reported_and_quarantined(setup, tmp_path):
                                       "--model", model, "--params", str(tmp_path / "params.yaml")])
     assert result.exit_code == 0, result.output
     assert "read 4 wafers: reported 3, quarantined 1" in " ".join(result.output.split())
+
+
+def test_a_wafer_table_without_lot_ids_is_reported_in_lots_of_the_configured_size(setup, tmp_path):
+    root, params, model, _ = setup
+    table = pq.read_table(WM811K / "wm811k_labelled.parquet").slice(0, 7).drop_columns(["failure_type"])
+    pq.write_table(table, tmp_path / "night.parquet")
+    sized = params.model_copy(update={"infer": params.infer.model_copy(update={"wafer_table_lot_wafers": 3})})
+    summary = _run(sized, tmp_path / "night.parquet", tmp_path / "out", model)
+    assert (summary.read, summary.reported, summary.lots_reported) == (7, 7, 3)
+    assert _lots(tmp_path / "out") == ["night-00000", "night-00001", "night-00002"]
+    wafers = pd.read_csv(tmp_path / "out" / "night-00002" / "wafers.csv", dtype=str)
+    assert wafers["wafer_id"].tolist() == [table["wafer_id"][6].as_py()]

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from pipeline import registry, synth
 from pipeline.dataset import WaferDataset, write_dataset
-from pipeline.evaluate import evaluate_model_on
+from pipeline.evaluate import evaluate_model_on, evaluate_real_on
 from pipeline.params import Params, parse_params
 from pipeline.registry import Score
 from pipeline.train import fit, train_and_register, warm_start_model
@@ -215,3 +215,20 @@ def test_ddp_on_cpu_with_gloo_keeps_both_ranks_in_step(tiny, tmp_path):
     assert (root / "ddp" / "last.pt").is_file()  # rank 0 wrote the checkpoint
     alone = fit(params, WaferDataset(params.dataset.dir))  # all batches in one process: another result
     assert any(not torch.equal(alone.model.state_dict()[n], w) for n, w in ranks[0]["weights"].items())
+
+
+def test_evaluate_real_stage_gives_the_scores_the_run_logged(tiny, monkeypatch):
+    root, params = tiny
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    summary = json.loads((params.train.reports_dir / "train_summary.json").read_text())
+    out = root / "real-eval"
+    tables = evaluate_real_on(str(params.train.model_out), params, "test", out)
+    written = json.loads((out / "metrics.json").read_text())["test"]
+    assert written["wm811k"]["balanced_accuracy"] == pytest.approx(summary["test_wm811k_balanced_accuracy"], abs=1e-4)
+    assert written["mixedwm38"]["exact_match"] == pytest.approx(summary["test_mixedwm38_exact_match"], abs=1e-4)
+    assert "balanced accuracy" in tables.lower() and (out / "real_test_wm811k.png").stat().st_size > 0
+    # a labelled source named on the command line is scored on all its wafers
+    source = evaluate_real_on(str(params.train.model_out), params, "test", root / "src",
+                              [params.real.sets["wm811k"].path])
+    assert json.loads((root / "src" / "metrics.json").read_text())["source"]["wm811k"]["wafers"] == 80
+    assert source

@@ -77,7 +77,7 @@ class Case:
     problem: str  # regex: a quarantine reason (and the strict reader's error) must match it
     ingest_problem: str | None = None  # why ingest quarantines bad_entry, when it differs from `problem`
     each_file_reads_alone: bool = False  # the bad input is two files that are each fine on their own
-    labelled: bool = True  # False: the format holds no masks, so ingest refuses every entry of it
+    labelled: bool = True  # False: ingest refuses every entry of this format (it holds neither masks nor labels)
 
 
 # --- per-wafer NumPy lots ----------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def _wafer_table_case(kind: str, spoil: Callable[[dict], list[dict]], problem: s
         lot = LOT if lot_column else "wafers-00000"
         return Built([path], path, path, GOOD, bad, f"{lot}/bad", lot)
 
-    return Case(f"wafer_table_{kind}", build, problem, labelled=False)
+    return Case(f"wafer_table_{kind}", build, problem)
 
 
 def _set(**fields: object) -> Callable[[dict], list[dict]]:
