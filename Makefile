@@ -4,6 +4,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The ephemeral Prefect server's telemetry heartbeat races the flow for its SQLite file ("database is locked"
+# tracebacks in the log, nothing lost); a local batch job has no reason to phone home.
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # This machine's pip config lists local indexes; it warns once per package for the ones it skips.
 QUIET_PIP := { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 

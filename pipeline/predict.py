@@ -6,7 +6,7 @@ Training (validation), evaluation and batch inference all go through these funct
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -94,6 +94,12 @@ def compiled_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model, options={"freezing": True})
 
 
+def padded_batches(wafers: Sequence[Wafer], batch_wafers: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    """(positions, padded maps) of every batch of `wafers`, bucketed by padded size."""
+    for batch in bucket_batches([w.shape for w in wafers], batch_wafers):
+        yield batch, torch.from_numpy(stack_padded([wafers[i].map for i in batch], OFF_WAFER))
+
+
 def evidence_of(
     model: torch.nn.Module,
     wafers: Sequence[Wafer],
@@ -105,8 +111,7 @@ def evidence_of(
     """The decision's inputs for every wafer, in the order of `wafers` (patterns.Evidence)."""
     model.eval()
     parts, order = [], []
-    for batch in bucket_batches([w.shape for w in wafers], batch_wafers):
-        maps = torch.from_numpy(stack_padded([wafers[i].map for i in batch], OFF_WAFER))
+    for batch, maps in padded_batches(wafers, batch_wafers):
         parts.append(Evidence.gather(batch_logits(model, maps, device, amp, channels_last), maps,
                                      model.presence_sharpness))
         order.extend(batch)
@@ -124,8 +129,7 @@ def predict_wafers(
     """Predicted uint8 masks, in the order of `wafers`, each cropped to its wafer's shape."""
     model.eval()
     predictions: list[np.ndarray | None] = [None] * len(wafers)
-    for batch in bucket_batches([w.shape for w in wafers], batch_wafers):
-        maps = torch.from_numpy(stack_padded([wafers[i].map for i in batch], OFF_WAFER))
+    for batch, maps in padded_batches(wafers, batch_wafers):
         predicted = predict_maps(model, maps, device, amp, channels_last).cpu().numpy()
         for row, position in enumerate(batch):
             height, width = wafers[position].shape
