@@ -326,7 +326,7 @@ holding at least {infer.min_pattern_dies} dies of its mask; its dominant class i
 A wafer with several patterns counts under each.</p>
 {html_table(pattern_counts(summary, table), ["class"])}
 <h3>Pattern sets</h3>
-{html_table(pattern_sets(table), ["patterns"])}
+{html_table(pattern_sets(table), ["patterns"], sortable=False)}
 <p><img alt="wafers with each pattern" src="{pattern_bar_chart(summary)}"></p>
 <h2>Wafers</h2>
 <p>Click a column header to sort.</p>

@@ -14,8 +14,9 @@ SHIPPED = {"wm811k": REAL_DATA / "wm811k" / "wm811k_labelled.parquet",
            "mixedwm38": REAL_DATA / "mixedwm38" / "mixedwm38.parquet"}
 
 
-def tiny_real(root: Path, wafers: int = 80, max_side: int = 52) -> dict:
-    """params.yaml's `real` block for `wafers` small real wafers of each set, written under `root`."""
+def tiny_real(root: Path, wafers: int = 80, max_side: int = 52, relative_to: Path | None = None) -> dict:
+    """params.yaml's `real` block for `wafers` small real wafers of each set, written under `root`; with
+    `relative_to`, its paths are relative to that directory (a workspace's params.yaml, DVC's deps)."""
     root.mkdir(parents=True, exist_ok=True)
     sets = {}
     for name, path in SHIPPED.items():
@@ -27,4 +28,10 @@ def tiny_real(root: Path, wafers: int = 80, max_side: int = 52) -> dict:
         sets[name] = {"path": str(root / f"{name}.parquet"), "per_label": 8, "min_per_label": 2}
     block = {"sets": sets, "splits_dir": str(root / "splits"), "reports_dir": str(root / "reports")}
     write_splits(RealParams.model_validate(block))
+    if relative_to is not None:
+        def relative(path: str) -> str:
+            return str(Path(path).relative_to(relative_to))
+
+        block = {"sets": {n: {**s, "path": relative(s["path"])} for n, s in sets.items()},
+                 "splits_dir": relative(block["splits_dir"]), "reports_dir": relative(block["reports_dir"])}
     return block

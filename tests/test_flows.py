@@ -12,6 +12,7 @@ import yaml
 
 from pipeline import io, synth
 from pipeline.params import parse_params
+from tests.real_fixture import tiny_real
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -40,6 +41,8 @@ def workspace(tmp_path_factory):
     params["train"].update(epochs=1, batch_wafers=16, device="cpu")
     params["registry"]["system_metrics"] = False
     params["flow"].update(seed_lots=str(root / "seed.parquet"), retry_delay_s=0)
+    params["real"] = tiny_real(root / "real_data", wafers=40, relative_to=root)
+    params["patterns"].update(offset_grid=[-2.0, 2.0, 5], calibration_rounds=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     io.write_die_table(_wafers(11, n=9, prefix="REAL"), root / "seed.parquet")
     return root

@@ -15,6 +15,7 @@ import yaml
 from pipeline import io, synth
 from pipeline.dataset import WaferDataset
 from pipeline.params import parse_params
+from tests.real_fixture import tiny_real
 from pipeline.versioning import (STORE_README, VersioningError, dvc_lock, dvc_md5, ingest, restore_data,
                                  version_data)
 
@@ -104,7 +105,7 @@ def test_ingest_merges_good_entries_and_quarantines_bad_ones_whole(repo):
     assert set(Path(q).name for q in result.quarantined) == {"late_clash.csv", "unlabelled.csv", "bad_lot"}
     clash = result.quarantined[str(inbox / "late_clash.csv")]
     assert "already in the dataset from" in clash and "good_lots" in clash and "late_clash.csv" in clash
-    assert "no die mask" in result.quarantined[str(inbox / "unlabelled.csv")]
+    assert "is not labelled" in result.quarantined[str(inbox / "unlabelled.csv")]
     stored = WaferDataset(repo / params.data.store)
     assert len(stored) == 12 and not stored.index["lot_id"].str.startswith(("BAD", "NOMASK")).any()
     # nothing is lost: each entry is now merged (ingested/) or quarantined, with its reason beside it
@@ -186,6 +187,8 @@ def pipeline_repo(tmp_path_factory):
     params["train"].update(epochs=1, batch_wafers=16, device="cpu")
     params["registry"]["system_metrics"] = False
     params["preview"]["n_wafers"] = 2
+    params["real"] = tiny_real(root / "real_data", wafers=40, relative_to=root)
+    params["patterns"].update(offset_grid=[-2.0, 2.0, 5], calibration_rounds=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text((PROJECT / ".gitignore").read_text())
     _git(root, "init", "-q")
