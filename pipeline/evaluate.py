@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from pipeline import labels, real_eval, viz  # noqa: E402
 from pipeline.patterns import wafer_patterns  # noqa: E402
 from pipeline.predict import predict_wafers  # noqa: E402
-from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, NUM_CLASSES, OFF_WAFER, Wafer, class_die_counts  # noqa: E402,F401
+from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, NUM_CLASSES, OFF_WAFER, Wafer, WaferError, class_die_counts  # noqa: E402,F401
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -224,7 +224,9 @@ def evaluate_real_on(model_uri: str, params, split: str, out_dir: Path, sources:
         wafers = [w for source in sources for w in io.read_wafers(source)]
         unlabelled = [w for w in wafers if w.label is None]
         if unlabelled:
-            raise ValueError(f"{unlabelled[0].source}: wafer {unlabelled[0].wafer_id} has no label to score against")
+            first = unlabelled[0]
+            raise WaferError(first.source, "no wafer-level label (failure_type) to score against", first.lot_id,
+                             first.wafer_id)
         single = all(len(labels.parse_label(w.label)) <= 1 for w in wafers)
         # single-label data is scored both ways: by dominant class (WM-811K) and by pattern set
         real = {"wm811k": wafers, "mixedwm38": wafers} if single else {"mixedwm38": wafers}

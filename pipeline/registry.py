@@ -244,9 +244,16 @@ def _weights_artifact(run_id: str) -> str | None:
     return files[0] if len(files) == 1 else None
 
 
+# What a checkpoint written before these model keys existed was built with.
+LEGACY_MODEL_KEYS = {"batch_norm": False, "global_context": False}
+
+
 def _model_from_checkpoint(checkpoint: dict, device: torch.device) -> torch.nn.Module:
-    model = build_model(ModelParams(**checkpoint["params"]["model"]))
-    model.load_state_dict(checkpoint["state"].get("best_weights") or checkpoint["model"])
+    model = build_model(ModelParams(**{**LEGACY_MODEL_KEYS, **checkpoint["params"]["model"]}))
+    weights = dict(checkpoint["state"].get("best_weights") or checkpoint["model"])
+    # a model from before the calibrated decision: every offset 0, the uncalibrated rule
+    weights.setdefault("pattern_offsets", torch.zeros_like(model.pattern_offsets))
+    model.load_state_dict(weights)
     return model.to(device).eval()
 
 

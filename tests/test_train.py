@@ -7,6 +7,7 @@ import socket
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -15,8 +16,10 @@ from pipeline import registry, synth
 from pipeline.dataset import WaferDataset, write_dataset
 from pipeline.evaluate import evaluate_model_on, evaluate_real_on
 from pipeline.params import Params, parse_params
+from pipeline.model import FCN, encode_maps
 from pipeline.registry import Score
 from pipeline.train import fit, train_and_register, warm_start_model
+from pipeline.wafer import WaferError
 from tests.real_fixture import tiny_real
 
 
@@ -232,3 +235,21 @@ def test_evaluate_real_stage_gives_the_scores_the_run_logged(tiny, monkeypatch):
                               [params.real.sets["wm811k"].path])
     assert json.loads((root / "src" / "metrics.json").read_text())["source"]["wm811k"]["wafers"] == 80
     assert source
+    unlabelled = root / "unlabelled.parquet"
+    pq.write_table(pq.read_table(params.real.sets["wm811k"].path).drop_columns(["failure_type"]), unlabelled)
+    with pytest.raises(WaferError, match="unlabelled.parquet: wafer .*: no wafer-level label"):
+        evaluate_real_on(str(params.train.model_out), params, "test", root / "none", [unlabelled])
+
+
+def test_a_checkpoint_from_before_batch_norm_and_the_decision_still_loads(tmp_path):
+    """Registries hold versions trained before `model.batch_norm`, `global_context` and the calibrated offsets."""
+    torch.manual_seed(0)
+    old = FCN("fcn8s", 0.0625, 0.5)  # the architecture those versions had
+    weights = {k: v for k, v in old.state_dict().items() if k != "pattern_offsets"}
+    model_keys = {"arch": "fcn8s", "width": 0.0625, "dropout": 0.5}
+    checkpoint = {"model": weights, "state": {}, "params": {"model": model_keys}}
+    loaded = registry._model_from_checkpoint(checkpoint, torch.device("cpu"))
+    assert loaded.score_global is None and loaded.pattern_offsets.tolist() == [0.0] * 4
+    maps = torch.randint(0, 3, (2, 40, 40))
+    old.eval()
+    torch.testing.assert_close(loaded(encode_maps(maps)), old(encode_maps(maps)))
