@@ -197,10 +197,10 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), transient=False)
 
 
-def epoch_examples(params: Params, synthetic: list[Example], real: RealWafers | None,
+def epoch_examples(params: Params, synthetic: list[Example], real: dict[str, dict[str, list[Example]]] | None,
                    rng: np.random.Generator) -> list[Example]:
-    """One epoch's wafers: the synthetic train split (or train.synthetic_per_epoch of it) and a stratified
-    sample of each real train split (realdata.epoch_sample)."""
+    """One epoch's wafers: the training dataset's train split (or train.synthetic_per_epoch of it) and a
+    stratified sample of each real set's train examples (realdata.epoch_sample)."""
     take = params.train.synthetic_per_epoch
     picked = list(synthetic) if take is None or take >= len(synthetic) else \
         [synthetic[i] for i in rng.choice(len(synthetic), take, replace=False)]
