@@ -77,7 +77,7 @@ class Case:
     problem: str  # regex: a quarantine reason (and the strict reader's error) must match it
     ingest_problem: str | None = None  # why ingest quarantines bad_entry, when it differs from `problem`
     each_file_reads_alone: bool = False  # the bad input is two files that are each fine on their own
-    labelled: bool = True  # False: ingest refuses every entry of this format (it holds neither masks nor labels)
+    labelled: bool = True  # False: its wafers carry neither masks nor labels, so ingest refuses every entry of it
 
 
 # --- per-wafer NumPy lots ----------------------------------------------------------------------------------

@@ -141,8 +141,8 @@ def test_ingest_refuses_the_bad_entry_whole_and_merges_the_others(case: Case, tm
     built = case.build(tmp_path / "in")
     _strict_error(case, built)
     if not case.labelled:
-        pytest.skip("a WM-811K file or a wafer table holds no die masks: ingest refuses every one "
-                    "(tested in tests/test_versioning.py)")
+        pytest.skip("the catalogue's WM-811K files hold unlabelled wafers (no masks, no failureType): ingest "
+                    "refuses every entry of them (tested in tests/test_versioning.py)")
     entries = [*built.sources, _good_entry(tmp_path / "extra")]
     good_entries = [e for e in entries if e != built.bad_entry]
     expected = sum(len(io.read_wafers(entry)) for entry in good_entries)
