@@ -65,14 +65,15 @@ def main() -> None:
     seconds = time.perf_counter() - started
     dataset = WaferDataset(params.dataset.dir)
     test = [w for w in dataset.wafers("test") if w.mask is not None]
-    _, synthetic = evaluate_model(result.model, test, params.train.batch_wafers, result.device)
-    scores = {split: {name: real_eval.headline(s) for name, s in
-                      evaluate_real(result.model, {n: r[split] for n, r in real.items()}, params,
-                                    result.device).items()} for split in ("val", "test")}
+    _, synthetic = evaluate_model(result.model, test, params.infer.batch_wafers, result.device)
+    full = {split: evaluate_real(result.model, {n: r[split] for n, r in real.items()}, params, result.device)
+            for split in ("val", "test")}
+    scores = {split: {name: real_eval.headline(s) for name, s in by_set.items()} for split, by_set in full.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {"name": args.name, "overrides": overrides, "profile": args.profile, "host": cpu_name(),
               "threads": args.threads, "fit_seconds": round(seconds, 1), "history": result.state.history,
-              "calibration": result.calibration, "synthetic_test_miou": synthetic["miou"], "real": scores}
+              "calibration": result.calibration, "synthetic_test_miou": synthetic["miou"], "real": scores,
+              "val_details": full["val"]}  # confusions and most-confused sets: tuning reads val only
     (RESULTS / f"{args.name}.json").write_text(json.dumps(record, indent=2, default=float))
     print(json.dumps({k: record[k] for k in ("name", "fit_seconds", "synthetic_test_miou", "real")}, indent=1))
 

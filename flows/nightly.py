@@ -13,38 +13,22 @@ from pathlib import Path
 import typer
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectNotFound
 
 from pipeline import dataset, infer, registry, synth, train, versioning
 from pipeline.locks import LockHeld, hold_lock
 from pipeline.params import Params, load_params, resolve_profile
 
-DVC_LIMIT = "dvc"  # a global concurrency limit of 1: one task at a time does DVC work
-
-
-def ensure_dvc_limit() -> None:
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(DVC_LIMIT)
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=DVC_LIMIT, limit=1))
-
 
 @task(name="prepare-workspace", tags=["dvc", "io"])
 def prepare_workspace(params: Params) -> dict:
-    with concurrency(DVC_LIMIT, occupy=1):
-        data = versioning.restore_data(params.data)
+    data = versioning.restore_data(params.data)  # DVC work waits on the workspace's DVC file lock
     seeded = infer.seed_inbox(params.flow.seed_lots, params.infer.inbox) if params.flow.seed_lots else 0
     return {"data": data, "inbox_seeded_wafers": seeded}
 
 
 @task(name="ingest-labelled", tags=["dvc", "io"])
 def ingest_labelled(params: Params) -> versioning.IngestResult:
-    with concurrency(DVC_LIMIT, occupy=1):
-        return versioning.ingest(params)
+    return versioning.ingest(params)
 
 
 @task(name="generate-synthetic", tags=["io"])
@@ -77,7 +61,7 @@ def train_evaluate_register(params: Params) -> dict:
 
 @task(name="infer-inbox", tags=["io"])
 def infer_inbox(params: Params) -> infer.InferSummary:
-    return infer.infer(params.infer.inbox, params.infer.out, params)
+    return infer.infer(params.infer.inbox, params.infer.out, params, named=True)  # the inbox params names
 
 
 @task(name="publish-artifacts")
@@ -144,7 +128,6 @@ def run_nightly(params: Params, skip_training_without_new_data: bool) -> dict:
     flow_params = params.flow
     io_options = {"retries": flow_params.retries, "retry_delay_seconds": flow_params.retry_delay_s,
                   "timeout_seconds": flow_params.io_timeout_s}
-    ensure_dvc_limit()
 
     prepared = prepare_workspace.with_options(**io_options)(params)
     ingested = ingest_labelled.with_options(**io_options)(params)

@@ -85,7 +85,7 @@ def generate(
 def _compare(real_source: Path, dataset_dir: Path, params) -> None:
     from pipeline import dataset, io, synth
 
-    real = synth.stats_table(io.read_wafers(real_source))
+    real = synth.stats_table(io.read_wafers(real_source, named=True))
     synthetic = synth.stats_table(dataset.WaferDataset(dataset_dir).wafers())
     table = synth.compare_real(real, synthetic)
     out_dir = params.preview.path.parent
@@ -230,7 +230,7 @@ def infer(
     from pipeline.infer import infer as run_inference
 
     params = _params(params_path, profile)
-    summary = run_inference(source, out or params.infer.out, params, model_uri=model, force=force)
+    summary = run_inference(source, out or params.infer.out, params, model_uri=model, force=force, named=True)
     console.print(f"model {summary.model_version}: read {summary.read} wafers: reported {summary.reported}, "
                   f"quarantined {summary.quarantined}, skipped {summary.skipped} "
                   f"({summary.lots_reported} lots reported, {summary.lots_skipped} already current)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.io import replace_directory
+from pipeline.io import recover_directory, replace_directory, staging_directory
 from pipeline.params import DatasetParams, SplitParams
 from pipeline.wafer import CLASS_NAMES, Wafer, WaferError, validate_wafer, wafer_summary
 
@@ -73,8 +72,8 @@ def write_dataset(
 ) -> pd.DataFrame:
     """Write wafers as a dataset directory; the directory appears whole or not at all."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    recover_directory(out_dir)  # its callers hold the workspace's DVC or nightly lock: no other writer
+    staging = staging_directory(out_dir)
     try:
         (staging / SHARD_DIR).mkdir()
         rows: list[dict] = []

@@ -183,7 +183,7 @@ def real_outcomes(model, wafers: Sequence[Wafer], params, device: torch.device, 
                   ) -> tuple[list[str], list[str]]:
     """`patterns` and `dominant_class` of each wafer as the reports would give them."""
     tp = params.train
-    masks = predict_wafers(model, wafers, tp.batch_wafers, device, amp, tp.channels_last)
+    masks = predict_wafers(model, wafers, params.infer.batch_wafers, device, amp, tp.channels_last)
     decided = [wafer_patterns(mask, wafer.map, params.infer.min_pattern_dies) for wafer, mask in zip(wafers, masks)]
     return [p for p, _ in decided], [d for _, d in decided]
 
@@ -221,7 +221,7 @@ def evaluate_real_on(model_uri: str, params, split: str, out_dir: Path, sources:
     device = select_device(params.train.device)
     model, version = load_model(model_uri, params.registry, device)
     if sources:
-        wafers = [w for source in sources for w in io.read_wafers(source)]
+        wafers = [w for source in sources for w in io.read_wafers(source, named=True)]
         unlabelled = [w for w in wafers if w.label is None]
         if unlabelled:
             first = unlabelled[0]
@@ -250,7 +250,7 @@ def evaluate_model_on(model_uri: str, dataset_dir: Path, split: str, out_dir: Pa
     device = select_device(params.train.device)
     model, version = load_model(model_uri, params.registry, device)
     wafers = [w for w in WaferDataset(dataset_dir).wafers(split) if w.mask is not None]  # mIoU needs die truth
-    confusion, metrics, _ = evaluate_split(model, wafers, out_dir, split, params.train.batch_wafers, device,
+    confusion, metrics, _ = evaluate_split(model, wafers, out_dir, split, params.infer.batch_wafers, device,
                                            use_amp(params.train, device), params.train.channels_last,
                                            title=f"{version} on {split}")
     (Path(out_dir) / f"metrics_{split}.json").write_text(json.dumps(

@@ -7,6 +7,7 @@ batches that span many lots (bucketed by padded size), and a writer thread rende
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import shutil
 import tempfile
@@ -25,17 +26,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline import report
 from pipeline.io import Rejected, iter_source, read_wafers, write_npy_lots
-from pipeline.locks import release, try_lock
+from pipeline.locks import hold_lock, release, try_lock
 from pipeline.params import Params
 from pipeline.predict import predict_wafers
 from pipeline.registry import load_model
 from pipeline.train import select_device
-from pipeline.wafer import CLASS_NAMES, Wafer, WaferError, check_id
+from pipeline.wafer import CLASS_NAMES, RUN_QUARANTINE_FILE, Wafer, WaferError, check_id
 
 log = logging.getLogger(__name__)
 
 LOCKS_DIR = ".locks"  # one lock file per lot being reported (hidden: not a lot)
-UNASSIGNED_QUARANTINE = "quarantine.csv"  # inputs that belong to no usable lot, at the top of OUT
+UNASSIGNED_QUARANTINE = RUN_QUARANTINE_FILE  # inputs that belong to no usable lot, at the top of OUT
+QUARANTINE_LOCK_TIMEOUT_S = 60  # OUT/quarantine.csv is held for one read and one write
 _DONE = object()
 
 
@@ -153,11 +155,11 @@ def chunks_of_lots(lots: Iterator[Lot], min_wafers: int) -> Iterator[list[Lot]]:
         yield chunk
 
 
-def _read_sources(sources: Sequence[Path], lot_wafers: int) -> Iterator[Wafer | Rejected]:
+def _read_sources(sources: Sequence[Path], lot_wafers: int, named: bool) -> Iterator[Wafer | Rejected]:
     """Every item of every source; a source that cannot be opened at all becomes one Rejected."""
     for source in sources:
         try:
-            yield from iter_source(source, wafers_per_lot=lot_wafers)
+            yield from iter_source(source, wafers_per_lot=lot_wafers, named=named)
         except WaferError as error:
             yield Rejected.from_error(error)
 
@@ -169,17 +171,25 @@ def claim_lot(out: Path, lot_id: str) -> TextIO | None:
 
 
 def _write_unassigned(out: Path, rejected: list[Rejected]) -> None:
-    frame = pd.DataFrame([r.__dict__ for r in rejected], columns=["lot_id", "wafer_id", "source", "reason"])
-    staging = out / f".{UNASSIGNED_QUARANTINE}.tmp"
-    frame.to_csv(staging, index=False)
-    staging.replace(out / UNASSIGNED_QUARANTINE)
+    """Add this run's lot-less rejects to OUT/quarantine.csv, each row once, under the file's lock: runs at
+    once on one OUT (infer_lots groups, two nightlies) keep each other's rows. Replaced atomically."""
+    target = out / UNASSIGNED_QUARANTINE
+    with hold_lock(out / LOCKS_DIR / f"{UNASSIGNED_QUARANTINE}.lock", QUARANTINE_LOCK_TIMEOUT_S):
+        kept = pd.read_csv(target, dtype=str, keep_default_na=False) if target.is_file() else None
+        rows = pd.DataFrame([r.__dict__ for r in rejected], columns=report.QUARANTINE_COLUMNS, dtype=object)
+        new = report.spreadsheet_safe(rows.fillna("").astype(str))
+        frame = new if kept is None else pd.concat([kept, new], ignore_index=True).drop_duplicates()
+        staging = out / f".{UNASSIGNED_QUARANTINE}.{os.getpid()}.tmp"
+        frame.to_csv(staging, index=False)
+        staging.replace(target)
 
 
 def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: str | None = None, force: bool = False,
-          index: bool = True) -> InferSummary:
+          index: bool = True, named: bool = False) -> InferSummary:
     """The `infer` stage: predict every lot of `source` (one source or several) with the model and write
     per-lot reports to `out`, then the cross-lot index unless `index` is False (callers running several
-    `infer` at once on one `out` write it once at the end)."""
+    `infer` at once on one `out` write it once at the end). `named`: the user named these sources on the
+    command line, so a WM-811K pickle among them is opened; inbox entries never are."""
     sources = [Path(source)] if isinstance(source, (str, Path)) else [Path(s) for s in source]
     started = time.perf_counter()
     device = select_device(params.train.device)
@@ -203,7 +213,7 @@ def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: s
             summary.skipped += len(lot.wafers)
             summary.lots_skipped += 1
 
-    lots = group_lots(read_ahead(_read_sources(sources, params.infer.wafer_table_lot_wafers), params.infer.read_ahead_wafers), unassigned)
+    lots = group_lots(read_ahead(_read_sources(sources, params.infer.wafer_table_lot_wafers, named), params.infer.read_ahead_wafers), unassigned)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="waferseg-writer") as writer, Progress(
         TextColumn("inferring"), BarColumn(), MofNCompleteColumn(), TextColumn("lots"), TimeElapsedColumn()
     ) as progress:
@@ -216,14 +226,21 @@ def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: s
                     log.info("lot %s is being reported by another run: left to it", lot.lot_id)
                     summary.lots_left_to_others += 1
                     lot_done(lot, reported=False)
-                elif force or not report.lot_is_current(out, lot.lot_id, version):
+                elif force or not report.lot_is_current(out, lot.lot_id, version,
+                                                         report.inputs_fingerprint(lot.wafers, lot.rejected)):
                     report.remove_stale_builds(out, lot.lot_id)
                     todo.append((lot, lock))
                 else:
                     release(lock)
                     lot_done(lot, reported=False)
             wafers = [w for lot, _ in todo for w in lot.wafers]
-            predictions = predict_wafers(model, wafers, params.infer.batch_wafers, device, amp, channels_last)
+            try:
+                predictions = predict_wafers(model, wafers, params.infer.batch_wafers, device, amp, channels_last,
+                                             params.infer.batch_pixels)
+            except BaseException:
+                for _, lock in todo:  # no report will be written: the lots are free for the next run
+                    release(lock)
+                raise
             position = 0
             for lot, lock in todo:
                 masks = predictions[position : position + len(lot.wafers)]
@@ -254,9 +271,11 @@ def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: s
 
 
 def lot_pattern_counts(out: Path, lot_ids: Iterable[str] | None = None) -> pd.DataFrame:
-    """Per lot: its wafers and how many have each dominant pattern, from the lot reports under `out`."""
-    paths = sorted(out.glob(f"*/{report.WAFERS_CSV}")) if lot_ids is None else [
-        out / lot / report.WAFERS_CSV for lot in lot_ids]
+    """Per lot: its wafers and how many have each dominant pattern, from the complete lot reports under `out`
+    (never another run's staging directory, which a glob of `out/*` would match and which vanishes)."""
+    lot_dirs = [lot_dir for lot_dir, _ in report.complete_lots(out)] if lot_ids is None else [
+        out / lot for lot in lot_ids]
+    paths = [lot_dir / report.WAFERS_CSV for lot_dir in lot_dirs]
     frames = [pd.read_csv(path, usecols=["lot_id", "dominant_class"], dtype=str) for path in paths if path.is_file()]
     patterns = [*CLASS_NAMES[1:], report.NO_PATTERN]
     if not frames:
@@ -279,7 +298,7 @@ def seed_inbox(source: Path, inbox: Path) -> int:
     inbox = Path(inbox)
     if inbox.is_dir() and any(not entry.name.startswith(".") for entry in inbox.iterdir()):
         return 0
-    wafers = read_wafers(source)
+    wafers = read_wafers(source, named=True)  # the user's own seed source (--seed-lots or flow.seed_lots)
     inbox.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{inbox.name}-", dir=inbox.parent))
     try:

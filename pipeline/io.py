@@ -14,7 +14,13 @@ first one, `iter_source` turns each into a `Rejected` record for the quarantine 
 
 from __future__ import annotations
 
+import codecs
+import copyreg
 import csv
+import ctypes
+import errno
+import functools
+import glob
 import json
 import logging
 import math
@@ -22,7 +28,8 @@ import os
 import pickle
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import repeat
@@ -51,6 +58,7 @@ NPY_LOT, NPY_TREE, DIE_TABLE, WAFER_TABLE, WM811K_PICKLE, WM811K_CSV = (
 
 MAX_MAP_SIDE = 4096  # default dies per map side; larger maps are refused before anything is allocated
 DEFAULT_LOT_WAFERS = 25  # a wafer table without lot_id: consecutive wafers form lots of this many
+MAX_TABLE_BYTES = 4 << 30  # a die table, or a wafer table's row group, larger than this (uncompressed) is refused unread
 MAX_ITEM_BYTES = 8  # the widest integer: with the side limit, it bounds what one .npy file can allocate
 NPY_SUFFIX = ".npy"
 MASK_SUFFIX = ".mask.npy"
@@ -117,24 +125,38 @@ def source_kind(path: PathLike) -> str:
     )
 
 
-def iter_source(path: PathLike, max_map_side: int = MAX_MAP_SIDE,
-                wafers_per_lot: int = DEFAULT_LOT_WAFERS) -> Iterator[Wafer | Rejected]:
+def iter_source(path: PathLike, max_map_side: int = MAX_MAP_SIDE, wafers_per_lot: int = DEFAULT_LOT_WAFERS,
+                named: bool = False) -> Iterator[Wafer | Rejected]:
     """Lenient: every wafer of the source, each bad input as one Rejected with the reason.
     A map with more than `max_map_side` dies on a side is refused before it is allocated;
-    `wafers_per_lot` groups the wafers of a wafer table that has no lot_id."""
-    items = _read_items(Path(path), source_kind(path), max_map_side, wafers_per_lot)
+    `wafers_per_lot` groups the wafers of a wafer table that has no lot_id. `named`: the user gave this very
+    path (command line or params.yaml); else it is an inbox entry, which is never unpickled nor followed
+    out of the inbox by a symbolic link."""
+    items = _read_items(Path(path), _openable_kind(path, named), max_map_side, wafers_per_lot)
     return (Rejected.from_error(item) if isinstance(item, WaferError) else item for item in items)
 
 
-def read_wafers(path: PathLike, max_map_side: int = MAX_MAP_SIDE,
-                wafers_per_lot: int = DEFAULT_LOT_WAFERS) -> list[Wafer]:
+def read_wafers(path: PathLike, max_map_side: int = MAX_MAP_SIDE, wafers_per_lot: int = DEFAULT_LOT_WAFERS,
+                named: bool = False) -> list[Wafer]:
     """Strict: every wafer of the source, or the WaferError of the first bad input."""
     wafers = []
-    for item in _read_items(Path(path), source_kind(path), max_map_side, wafers_per_lot):
+    for item in _read_items(Path(path), _openable_kind(path, named), max_map_side, wafers_per_lot):
         if isinstance(item, WaferError):
             raise item
         wafers.append(item)
     return wafers
+
+
+def _openable_kind(path: PathLike, named: bool) -> str:
+    """The reader a source needs; an entry of an inbox (not `named`) is neither a pickle nor a symbolic link
+    out of the inbox (the same rules as inside a lot directory)."""
+    path = Path(path)
+    if not named and _leads_outside(path, path.parent):
+        raise WaferError(path, LINK_PROBLEM)
+    kind = source_kind(path)
+    if kind == WM811K_PICKLE and not named:
+        raise WaferError(path, PICKLE_PROBLEM)
+    return kind
 
 
 def write_npy_lots(wafers: Iterable[Wafer], root: PathLike) -> None:
@@ -201,19 +223,22 @@ def write_wm811k_pickle(wafers: Iterable[Wafer], path: PathLike) -> None:
 # --- dispatch --------------------------------------------------------------------------------
 
 
-def _read_items(path: Path, kind: str, max_side: int, wafers_per_lot: int = DEFAULT_LOT_WAFERS) -> Iterator[Item]:
+def _reader(kind: str, wafers_per_lot: int) -> Callable[[Path, int], Iterator[Item]]:
     from pipeline.wafer_table import read_wafer_table  # it builds on this module's helpers
 
-    readers = {
+    return {
         NPY_LOT: _read_npy_lot,
-        NPY_TREE: _read_npy_tree,
+        NPY_TREE: lambda path, max_side: _read_npy_tree(path, max_side, wafers_per_lot),
         DIE_TABLE: _read_die_table,
         WAFER_TABLE: lambda path, max_side: read_wafer_table(path, max_side, wafers_per_lot),
         WM811K_PICKLE: _read_wm811k_pickle,
         WM811K_CSV: _read_wm811k_csv,
-    }
+    }[kind]
+
+
+def _read_items(path: Path, kind: str, max_side: int, wafers_per_lot: int = DEFAULT_LOT_WAFERS) -> Iterator[Item]:
     wafers = rejected = 0
-    for item in readers[kind](path, max_side):
+    for item in _reader(kind, wafers_per_lot)(path, max_side):
         if isinstance(item, WaferError):
             rejected += 1
             log.warning("rejected: %s", item)
@@ -282,18 +307,27 @@ def _visible_entries(directory: Path) -> list[Path]:
 
 
 def _directory_kind(directory: Path) -> str:
+    """A directory of lots when one of its directories holds wafers (a stray .npy beside lot directories must
+    not turn an inbox into one lot) or when it holds no .npy at all (die or wafer tables); else one lot."""
     entries = _visible_entries(directory)
+    if not entries:
+        raise WaferError(directory, "empty directory: no .npy wafers and no lot directories")
+    if any(_holds_wafers(entry) for entry in entries if entry.is_dir() and not _leads_outside(entry, directory)):
+        return NPY_TREE
     if any(entry.is_file() and entry.name.endswith(NPY_SUFFIX) for entry in entries):
         return NPY_LOT
-    if any(entry.is_dir() for entry in entries):
-        return NPY_TREE
-    if entries:
-        return NPY_LOT  # only stray files: read as a lot so that each is quarantined
-    raise WaferError(directory, "empty directory: no .npy wafers and no lot directories")
+    return NPY_TREE
 
 
-def _stray_file_problem(path: Path, expected: str = NOT_A_WAFER_FILE) -> str:
-    return PICKLE_PROBLEM if path.suffix.lower() in PICKLE_SUFFIXES else expected
+def _holds_wafers(directory: Path) -> bool:
+    try:
+        return any(entry.name.endswith(NPY_SUFFIX) and not entry.name.startswith(".") for entry in directory.iterdir())
+    except OSError:
+        return False
+
+
+def _stray_file_problem(path: Path) -> str:
+    return PICKLE_PROBLEM if path.suffix.lower() in PICKLE_SUFFIXES else NOT_A_WAFER_FILE
 
 
 def _leads_outside(entry: Path, directory: Path) -> bool:
@@ -304,15 +338,22 @@ def _leads_outside(entry: Path, directory: Path) -> bool:
     return not Path(os.path.realpath(entry)).is_relative_to(os.path.realpath(directory))
 
 
-def _read_npy_tree(root: Path, max_side: int) -> Iterator[Item]:
+def _read_npy_tree(root: Path, max_side: int, wafers_per_lot: int = DEFAULT_LOT_WAFERS) -> Iterator[Item]:
+    """Each lot directory, and each die table or wafer table beside them; never a pickle (an inbox entry)."""
     for entry in _visible_entries(root):
         if _leads_outside(entry, root):
             yield WaferError(entry, LINK_PROBLEM)
         elif entry.is_dir():
             yield from _read_npy_lot(entry, max_side)
+        elif entry.name.endswith(NPY_SUFFIX):
+            yield WaferError(entry, "a wafer file beside lot directories is not read: put it in a lot directory")
         else:
-            yield WaferError(entry, _stray_file_problem(entry, "not a lot directory (a directory of lots holds "
-                                                               "only lot directories)"))
+            try:
+                kind = _openable_kind(entry, named=False)
+            except WaferError as error:
+                yield error
+                continue
+            yield from _reader(kind, wafers_per_lot)(entry, max_side)  # counted and logged by _read_items
 
 
 def _wafer_id_of(path: Path) -> str:
@@ -443,16 +484,35 @@ def _read_die_table(path: Path, max_side: int) -> Iterator[Item]:
             yield error
 
 
+def parquet_column_bytes(metadata: pq.FileMetaData, columns: Iterable[str]) -> list[int]:
+    """The uncompressed bytes of `columns` in each row group, from the footer: what reading them takes."""
+    columns = set(columns)
+    return [sum(group.column(i).total_uncompressed_size for i in range(group.num_columns)
+                if group.column(i).path_in_schema in columns)
+            for group in map(metadata.row_group, range(metadata.num_row_groups))]
+
+
+def _check_table_bytes(path: Path, size: int, what: str) -> None:
+    if size > MAX_TABLE_BYTES:
+        raise WaferError(path, f"{what} holds {size:,} bytes; the limit is {MAX_TABLE_BYTES:,} (io.MAX_TABLE_BYTES): "
+                               "split it into smaller files")
+
+
 def _die_table_arrow(path: Path) -> pa.Table:
-    """The contract's columns, read straight into Arrow (CSV ids as bytes: see _id_ranks)."""
+    """The contract's columns, read straight into Arrow (CSV ids as bytes: see _id_ranks). The size is checked
+    first, from the Parquet footer (uncompressed bytes of those columns) or the CSV file's length."""
     wanted = (*DIE_TABLE_COLUMNS, LABEL_COLUMN, *SHAPE_COLUMNS)
     if path.suffix.lower() == PARQUET_SUFFIX:
-        names = pq.read_schema(path).names
+        metadata = pq.read_metadata(path)
+        names = metadata.schema.names
         _require_columns(names, DIE_TABLE_COLUMNS, path)
-        table = pq.read_table(path, columns=[name for name in wanted if name in names])
+        columns = [name for name in wanted if name in names]
+        _check_table_bytes(path, sum(parquet_column_bytes(metadata, columns)), "the die table (uncompressed)")
+        table = pq.read_table(path, columns=columns)
     else:
         names, delimiter = _csv_header(path)
         _require_columns(names, DIE_TABLE_COLUMNS, path)
+        _check_table_bytes(path, path.stat().st_size, "the die table")
         table = pa_csv.read_csv(
             path,
             parse_options=pa_csv.ParseOptions(delimiter=delimiter),
@@ -712,18 +772,55 @@ def _current_global(module: str, name: str) -> tuple[str, str]:
     return module, name
 
 
+# What a DataFrame laid out like LSWMD.pkl is made of, by package; any other global in a pickle is refused
+# before its module is imported, and a global must resolve to one of these objects: no pickle named by a
+# user can call a function (os.system, pandas.read_pickle...) or build an object of another class.
+_PICKLE_MODULE_ROOTS = ("numpy", "pandas", "pyarrow", "builtins", "__builtin__", "copyreg", "_codecs")
+
+
+@functools.cache
+def _allowed_pickle_globals() -> frozenset[int]:
+    from numpy._core import multiarray, numeric
+    from pandas._libs import internals as libinternals
+    from pandas.arrays import ArrowStringArray
+    from pandas.core.indexes import base as index_base
+    from pandas.core.internals import blocks, managers
+
+    allowed = [np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar, numeric._frombuffer,
+               *(type(np.dtype(code)) for code in "?bhilqBHILQefdgFDGSUVOMm"),
+               pd.DataFrame, pd.Series, pd.Index, pd.RangeIndex, pd.StringDtype, ArrowStringArray,
+               index_base._new_Index, managers.BlockManager, managers.SingleBlockManager,
+               libinternals._unpickle_block, libinternals.BlockPlacement, blocks.new_block,
+               *(c for c in vars(blocks).values() if isinstance(c, type) and issubclass(c, blocks.Block)),
+               pa.lib._restore_array, pa.lib.type_for_alias, pa.lib.py_buffer,
+               slice, bytes, bytearray, str, int, float, complex, bool, list, tuple, dict, set, frozenset, object,
+               copyreg._reconstructor, codecs.encode]
+    return frozenset(id(item) for item in allowed)
+
+
+def _restricted_global(find_class: Callable[[str, str], Any], module: str, name: str) -> Any:
+    module, name = _current_global(module, name)
+    if module.split(".")[0] not in _PICKLE_MODULE_ROOTS:
+        raise pickle.UnpicklingError(f"refused global {module}.{name}: not part of a WM-811K DataFrame")
+    found = find_class(module, name)
+    if id(found) not in _allowed_pickle_globals():
+        raise pickle.UnpicklingError(f"refused global {module}.{name}: not part of a WM-811K DataFrame")
+    return found
+
+
 class _AliasingUnpickler(pickle.Unpickler):
-    """The C unpickler, with old pandas module paths mapped to current ones."""
+    """The C unpickler, with old pandas module paths mapped to current ones, restricted to LSWMD's globals."""
 
     def find_class(self, module: str, name: str) -> Any:
-        return super().find_class(*_current_global(module, name))
+        return _restricted_global(super().find_class, module, name)
 
 
 class _CompatUnpickler(pickle_compat.Unpickler):
-    """pandas' pure-Python compat unpickler (its own renames and reduce fixes), plus our aliases."""
+    """pandas' pure-Python compat unpickler (its own renames and reduce fixes), plus our aliases and the
+    same restriction."""
 
     def find_class(self, module: str, name: str) -> Any:
-        return super().find_class(*_current_global(module, name))
+        return _restricted_global(super().find_class, module, name)
 
 
 # What pandas.read_pickle itself answers by retrying with its compat unpickler.
@@ -924,13 +1021,57 @@ def _unique_wafers(wafers: Iterable[Wafer], target: Path) -> list[Wafer]:
     return wafers
 
 
+STAGING_PREFIX, ASIDE_PREFIX = ".tmp-", ".old-"
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100  # linux/fs.h, fcntl.h
+_EXCHANGE_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV)
+
+
+def staging_directory(target: Path) -> Path:
+    """A fresh hidden sibling of `target` to build it in (same file system: it can replace target by a rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=target.parent))
+
+
+def _siblings(target: Path, prefix: str) -> list[Path]:
+    return sorted(target.parent.glob(f"{prefix}{glob.escape(target.name)}-{'?' * 8}"))  # mkdtemp/token: 8 chars
+
+
+def recover_directory(target: Path) -> None:
+    """Undo what a writer killed mid-replace left of `target`: its old copy put aside with no new one in
+    place is put back, and stale staging and aside copies are deleted. Call it holding the target's lock."""
+    asides = _siblings(target, ASIDE_PREFIX)
+    if asides and not target.exists():
+        log.warning("%s: restoring the copy a killed writer put aside (%s)", target, asides[-1].name)
+        os.rename(asides.pop(), target)
+    for leftover in [*asides, *_siblings(target, STAGING_PREFIX)]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where it is unsupported."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in _EXCHANGE_UNSUPPORTED:
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
 def replace_directory(built: Path, target: Path) -> None:
-    """Rename `built` to `target`; an existing target is renamed aside first and deleted after, and
-    put back if the move fails: `target` is always the old complete directory or the new one."""
+    """Make `built` the directory `target`: `target` is at every moment the old complete directory or the
+    new one. An existing target is swapped with `built` in one atomic step where the file system can
+    (renameat2), else renamed aside first and put back if the move fails; a kill between those two renames
+    leaves the old copy aside, which `recover_directory` (run by every writer first) puts back."""
+    if target.exists() and _exchange(built, target):
+        shutil.rmtree(built, ignore_errors=True)  # it now holds the old directory
+        return
     if not target.exists():
         os.rename(built, target)
         return
-    aside = target.parent / f".old-{target.name}-{secrets.token_hex(4)}"
+    aside = target.parent / f"{ASIDE_PREFIX}{target.name}-{secrets.token_hex(4)}"
     os.rename(target, aside)
     try:
         os.rename(built, target)

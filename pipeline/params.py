@@ -183,7 +183,7 @@ class PatternParams(Section):
 
 
 class SynthParams(Section):
-    n_wafers: int = Field(2000, gt=0)
+    n_wafers: int = Field(4000, gt=0)
     wafers_per_lot: int = Field(25, gt=0)
     lot_prefix: str = "SYN"
     size: SizeParams = SizeParams()
@@ -232,6 +232,7 @@ class DataParams(Section):
     quarantine: Path = Path("inbox/quarantine")
     remote: str = "local"
     lock_timeout_s: float = Field(120.0, ge=0)
+    command_timeout_s: float = Field(900.0, gt=0)  # a dvc add/push/pull that runs longer is stopped (a hung remote)
     git_commit: bool = True
 
     @model_validator(mode="after")
@@ -258,8 +259,10 @@ class RealParams(Section):
     or tuned on. `wm811k` is scored by balanced accuracy, `mixedwm38` by exact pattern-set match."""
 
     sets: dict[Literal["wm811k", "mixedwm38"], RealSetParams] = {
-        "wm811k": RealSetParams(path=Path("real_data/wm811k/wm811k_labelled.parquet")),
-        "mixedwm38": RealSetParams(path=Path("real_data/mixedwm38/mixedwm38.parquet")),
+        "wm811k": RealSetParams(path=Path("real_data/wm811k/wm811k_labelled.parquet"), per_label=800,
+                                min_per_label=400, val_wafers=2000),
+        "mixedwm38": RealSetParams(path=Path("real_data/mixedwm38/mixedwm38.parquet"), per_label=160,
+                                   min_per_label=80, val_wafers=1000),
     }
     splits_dir: Path = Path("real_data/splits")
     split: SplitParams = SplitParams(train=0.7, val=0.15, test=0.15)
@@ -272,8 +275,8 @@ class PatternsParams(Section):
     infer.min_pattern_dies dies in the decided mask to be in a wafer's `patterns`."""
 
     offsets: tuple[float, float, float, float] | None = None  # ring, scratch, local_zone, circle
-    offset_grid: tuple[float, float, int] = (-6.0, 6.0, 49)  # calibration: lo, hi, steps per class
-    calibration_rounds: int = Field(3, ge=1)
+    offset_grid: tuple[float, float, int] = (-4.0, 4.0, 17)  # calibration: lo, hi, steps per class
+    calibration_rounds: int = Field(2, ge=1)
 
 
 class PreviewParams(Section):
@@ -288,8 +291,8 @@ class ModelParams(Section):
     """FCN on a VGG16 encoder; width scales every channel count (1.0 = the paper's 64..512, fc 4096)."""
 
     arch: Literal["fcn8s", "fcn16s", "fcn32s"] = "fcn8s"
-    width: float = Field(0.25, gt=0)
-    dropout: Probability = 0.5
+    width: float = Field(0.125, gt=0)
+    dropout: Probability = 0.1
     # Wafer-level presence is the log-mean-exp of a class's score margins over the failing dies, with this
     # sharpness: higher comes closer to the max, lower to the mean (model.presence_logits).
     presence_sharpness: float = Field(4.0, gt=0)
@@ -303,10 +306,10 @@ class ModelParams(Section):
 
 
 class TrainParams(Section):
-    epochs: int = Field(12, gt=0)
-    batch_wafers: int = Field(32, gt=0)
+    epochs: int = Field(6, gt=0)
+    batch_wafers: int = Field(16, gt=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
     poly_power: float = Field(0.9, ge=0)  # lr * (1 - step/steps) ** power, both optimizers
@@ -318,12 +321,12 @@ class TrainParams(Section):
     # none/Random/Near-full) + presence_weight * BCE of the pooled presence against each wafer's label set.
     presence_weight: float = Field(1.0, ge=0)
     partial_weight: float = Field(1.0, ge=0)  # the partial-label die loss of wafers known by their label
-    synthetic_per_epoch: int | None = Field(None, gt=0)  # synthetic train wafers drawn per epoch (None: all)
+    synthetic_per_epoch: int | None = Field(1200, gt=0)  # synthetic train wafers drawn per epoch (None: all)
     warm_start: bool = True  # start from the champion's weights when its architecture matches
     augment: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "bf16"] = "auto"
-    channels_last: bool = False
+    channels_last: bool = True
     checkpoint_dir: Path = Path("checkpoints")
     model_out: Path = Path("models/fcn8s.pt")  # the selected weights, a DVC output `evaluate`/`infer` can use
     reports_dir: Path = Path("reports/train")
@@ -340,6 +343,9 @@ class RegistryParams(Section):
     # The gate: a challenger losing any score by more than gate_sigmas standard errors stays challenger.
     gate_sigmas: float = Field(2.0, ge=0)
     miou_noise: float = Field(0.005, ge=0)  # standard error taken for synthetic val mIoU
+    # Load a registry model that has no weights-only checkpoint (a `runs:/` URI, an old or odd version) from
+    # MLflow's pickle, which runs code from the registry: only when the user trusts its source.
+    allow_pickled_models: bool = False
 
 
 # --- batch inference and reports (pipeline/infer.py, pipeline/report.py) ---------------------
@@ -350,6 +356,7 @@ class InferParams(Section):
     inbox: Path = Path("inbox/lots")  # new lots arrive here (lot dirs of .npy wafers, die tables)
     out: Path = Path("reports/lots")
     batch_wafers: int = Field(64, gt=0)
+    batch_pixels: int = Field(262_144, gt=0)  # padded dies per batch at most: large maps go in smaller batches
     chunk_wafers: int = Field(512, gt=0)  # predicted together, across lots, before reports are handed on
     read_ahead_wafers: int = Field(2048, gt=0)
     amp: bool = True  # bf16 autocast: measured faster on AMX CPUs and on CUDA (benchmarks/)
@@ -363,6 +370,7 @@ class InferParams(Section):
 class ReportParams(Section):
     die_px: int = Field(5, ge=1)
     gap_px: int = Field(1, ge=0)
+    max_image_px: int = Field(1200, gt=0)  # a larger map is drawn with smaller dies (down to 1 pixel, no gap)
 
 
 class FlowParams(Section):

@@ -23,11 +23,13 @@ def padded_shape(shape: tuple[int, int]) -> tuple[int, int]:
 
 
 def bucket_batches(
-    shapes: Sequence[tuple[int, int]], batch_wafers: int, rng: np.random.Generator | None = None
+    shapes: Sequence[tuple[int, int]], batch_wafers: int, rng: np.random.Generator | None = None,
+    max_pixels: int | None = None,
 ) -> list[np.ndarray]:
     """Positions grouped into batches whose wafers pad to the same size, so no die is padded twice.
 
-    With `rng`, wafers are shuffled within buckets and batches shuffled across them.
+    With `rng`, wafers are shuffled within buckets and batches shuffled across them. With `max_pixels`, a
+    bucket of large maps gets smaller batches (at least one wafer): memory stays flat whatever the map size.
     """
     buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
     for position, shape in enumerate(shapes):
@@ -37,7 +39,8 @@ def bucket_batches(
         positions = np.asarray(buckets[key])
         if rng is not None:
             positions = rng.permutation(positions)
-        batches += [positions[i : i + batch_wafers] for i in range(0, len(positions), batch_wafers)]
+        size = batch_wafers if max_pixels is None else max(1, min(batch_wafers, max_pixels // (key[0] * key[1])))
+        batches += [positions[i : i + size] for i in range(0, len(positions), size)]
     if rng is not None:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
@@ -94,9 +97,10 @@ def compiled_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model, options={"freezing": True})
 
 
-def padded_batches(wafers: Sequence[Wafer], batch_wafers: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+def padded_batches(wafers: Sequence[Wafer], batch_wafers: int, max_pixels: int | None = None
+                   ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
     """(positions, padded maps) of every batch of `wafers`, bucketed by padded size."""
-    for batch in bucket_batches([w.shape for w in wafers], batch_wafers):
+    for batch in bucket_batches([w.shape for w in wafers], batch_wafers, max_pixels=max_pixels):
         yield batch, torch.from_numpy(stack_padded([wafers[i].map for i in batch], OFF_WAFER))
 
 
@@ -125,11 +129,12 @@ def predict_wafers(
     device: torch.device,
     amp: bool = False,
     channels_last: bool = False,
+    max_pixels: int | None = None,
 ) -> list[np.ndarray]:
     """Predicted uint8 masks, in the order of `wafers`, each cropped to its wafer's shape."""
     model.eval()
     predictions: list[np.ndarray | None] = [None] * len(wafers)
-    for batch, maps in padded_batches(wafers, batch_wafers):
+    for batch, maps in padded_batches(wafers, batch_wafers, max_pixels):
         predicted = predict_maps(model, maps, device, amp, channels_last).cpu().numpy()
         for row, position in enumerate(batch):
             height, width = wafers[position].shape

@@ -73,7 +73,7 @@ def load_real_set(params: RealParams, name: str, splits: Iterable[str] = SPLITS)
     recorded = read_splits(params, name)
     wanted = set(splits)
     out: dict[str, list[Wafer]] = {split: [] for split in SPLITS if split in wanted}
-    for wafer in io.read_wafers(real_set.path):
+    for wafer in io.read_wafers(real_set.path, named=True):  # a path the user set in params.yaml
         split = recorded.get(wafer.wafer_id)
         if split is None:
             raise ValueError(f"{real_set.path}: wafer {wafer.wafer_id} has no recorded split in "

@@ -82,8 +82,28 @@ def retry_when_locked(function: Callable[P, R]) -> Callable[P, R]:
     return retrying
 
 
+SQLITE_URI = "sqlite:///"
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"  # the user's override of registry.tracking_uri
+
+
 def tracking_uri(params: RegistryParams) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or params.tracking_uri
+    """The tracking store; a relative SQLite path is resolved against the current directory now: MLflow keeps one
+    store per URI string, so the same relative URI used later from another workspace would reach this one's DB."""
+    uri = os.environ.get(TRACKING_URI_ENV) or params.tracking_uri
+    if uri.startswith(SQLITE_URI) and not uri.startswith(SQLITE_URI + "/"):
+        return SQLITE_URI + str(Path(uri.removeprefix(SQLITE_URI)).resolve())
+    return uri
+
+
+def _set_tracking_uri(uri: str) -> None:
+    """mlflow.set_tracking_uri also writes MLFLOW_TRACKING_URI into the environment, where it would override
+    params.yaml for every later workspace of this process and of its children: the environment is put back."""
+    before = os.environ.get(TRACKING_URI_ENV)
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop(TRACKING_URI_ENV, None)
+    else:
+        os.environ[TRACKING_URI_ENV] = before
 
 
 def configure(params: RegistryParams) -> str:
@@ -95,7 +115,7 @@ def configure(params: RegistryParams) -> str:
 
 @retry_when_locked
 def _configure(params: RegistryParams) -> str:
-    mlflow.set_tracking_uri(tracking_uri(params))
+    _set_tracking_uri(tracking_uri(params))
     client = MlflowClient()
     experiment = client.get_experiment_by_name(params.experiment)
     if experiment is not None:
@@ -108,9 +128,34 @@ def _configure(params: RegistryParams) -> str:
     return experiment_id
 
 
+# The tracking calls of a training run, retried while another writer holds the SQLite DB. Each is safe to
+# repeat: params and tags are written again with the same values, metrics are appended, artifacts replaced.
+start_run = retry_when_locked(mlflow.start_run)
+log_params = retry_when_locked(mlflow.log_params)
+log_metrics = retry_when_locked(mlflow.log_metrics)
+set_tags = retry_when_locked(mlflow.set_tags)
+log_artifact = retry_when_locked(mlflow.log_artifact)
+log_dict = retry_when_locked(mlflow.log_dict)
+
+
+def log_and_register_model(model: torch.nn.Module, example_maps: np.ndarray, registered_name: str) -> str:
+    """Log the model to the active run, then register it once; the registered version. A retry after a
+    locked database never registers the run's model twice: an existing version of this run is reused."""
+    info = log_model(model, example_maps)
+    return register_run_model(info.model_uri, mlflow.active_run().info.run_id, registered_name)
+
+
 @retry_when_locked
-def log_model(model: torch.nn.Module, example_maps: np.ndarray, registered_name: str):
-    """Log the model with a signature over encoded maps (N, 3, H, W) and register it; return ModelInfo."""
+def register_run_model(model_uri: str, run_id: str, registered_name: str) -> str:
+    existing = MlflowClient().search_model_versions(f"name='{registered_name}' and run_id='{run_id}'")
+    if existing:
+        return str(max(int(v.version) for v in existing))
+    return str(mlflow.register_model(model_uri, registered_name).version)
+
+
+@retry_when_locked
+def log_model(model: torch.nn.Module, example_maps: np.ndarray):
+    """Log the model with a signature over encoded maps (N, 3, H, W) to the active run; return ModelInfo."""
     model = model.cpu().eval()
     example = encode_maps(torch.from_numpy(example_maps)).numpy()
     with torch.no_grad():
@@ -119,7 +164,7 @@ def log_model(model: torch.nn.Module, example_maps: np.ndarray, registered_name:
     # the model must take any size (it pads to a multiple of 32 and crops back).
     return mlflow.pytorch.log_model(model, name="model", signature=infer_signature(example, output),
                                     input_example=example, pip_requirements=PIP_REQUIREMENTS,
-                                    serialization_format="pickle", registered_model_name=registered_name)
+                                    serialization_format="pickle")
 
 
 @dataclass(frozen=True)
@@ -212,13 +257,14 @@ def gate(name: str, version: str, challenger: dict[str, Score],
 def load_model(uri: str, params: RegistryParams, device: torch.device) -> tuple[torch.nn.Module, str]:
     """A model from `models:/...` (or any MLflow URI) or a local training checkpoint, with a version label
     that names exactly which weights produced a report. Registry versions load from their run's weights-only
-    checkpoint (`log_weights`); only a version logged without one falls back to MLflow's pickled model."""
+    checkpoint (`log_weights`); anything else would unpickle MLflow's model, which runs code from the
+    registry: refused unless registry.allow_pickled_models."""
     path = Path(uri)
     if path.is_file():
         data = path.read_bytes()  # read once: hashed for the version label, then loaded
         return _model_from_checkpoint(load_checkpoint_file(io.BytesIO(data), path), device), \
             f"checkpoint:{path.name}:{hashlib.sha256(data).hexdigest()[:12]}"
-    mlflow.set_tracking_uri(tracking_uri(params))
+    _set_tracking_uri(tracking_uri(params))
     label = resolve_version(uri)
     if uri.startswith("models:/"):
         name, version = label.rsplit("/", 1)
@@ -228,8 +274,11 @@ def load_model(uri: str, params: RegistryParams, device: torch.device) -> tuple[
             with tempfile.TemporaryDirectory() as tmp:
                 local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=weights, dst_path=tmp))
                 return _model_from_checkpoint(load_checkpoint_file(local, f"{uri} ({weights})"), device), label
-        log.warning("%s has no weights-only checkpoint (logged before waferseg stored one); loading MLflow's "
-                    "pickled model, which runs code from the registry: trust its source", uri)
+    if not params.allow_pickled_models:
+        raise ValueError(f"{uri}: no single weights-only checkpoint under {WEIGHTS_DIR}/ to load; MLflow's pickled "
+                         "model would run code from the registry. Set registry.allow_pickled_models: true in "
+                         "params.yaml if you trust its source, or give a models:/ version waferseg logged")
+    log.warning("%s: loading MLflow's pickled model (registry.allow_pickled_models is on)", uri)
     model = mlflow.pytorch.load_model(uri, map_location=device)
     return model.to(device).eval(), label
 

@@ -16,7 +16,7 @@ directory behind; nothing here mistakes it for a report, and the next run that c
 from __future__ import annotations
 
 import base64
-import glob
+import hashlib
 import html
 import io
 import json
@@ -39,19 +39,19 @@ import pandas as pd  # noqa: E402
 from skimage.measure import label, regionprops  # noqa: E402
 
 from pipeline import viz  # noqa: E402
-from pipeline.io import Rejected, replace_directory  # noqa: E402
+from pipeline.io import Rejected, recover_directory, replace_directory, staging_directory  # noqa: E402
 from pipeline.params import InferParams, ReportParams  # noqa: E402
 from pipeline.patterns import wafer_patterns  # noqa: E402
-from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, DIE_COLUMNS, OFF_WAFER, Wafer, check_id, wafer_summary  # noqa: E402
+from pipeline.wafer import (CLASS_NAMES, DEFECT_CLASSES, DIE_COLUMNS, INDEX_FILE, OFF_WAFER, Wafer, check_id,  # noqa: E402
+                            wafer_summary)
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 REPORT_FILE = "report.html"
 WAFERS_CSV = "wafers.csv"
-INDEX_FILE = "index.html"
 MASK_DIR = "masks"
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = 2  # 2: files with their sizes and hashes, and the fingerprint of the lot's inputs
 NO_PATTERN = "none"
 
 DEFECT_NAMES = [CLASS_NAMES[c] for c in DEFECT_CLASSES]
@@ -150,6 +150,21 @@ def quarantine_table(lot_id: str, quarantined: Sequence[Rejected]) -> pd.DataFra
     return pd.DataFrame(rows, columns=QUARANTINE_COLUMNS, dtype=object)
 
 
+def shown_path(source: str) -> str:
+    """An input's path as a page shows it: its lot directory (or folder) and name, not the absolute path of
+    the machine that wrote the report. The CSV and Parquet tables keep the full path."""
+    path = Path(source)
+    return str(Path(path.parent.name, path.name)) if path.is_absolute() else source
+
+
+def quarantine_for_page(quarantine: pd.DataFrame) -> pd.DataFrame:
+    shown = quarantine.copy()
+    for i, source in zip(shown.index, quarantine["source"]):
+        shown.at[i, "source"] = shown_path(source)
+        shown.at[i, "reason"] = str(quarantine.at[i, "reason"]).replace(source, shown_path(source))
+    return shown
+
+
 # --- images and HTML -------------------------------------------------------------------------
 
 
@@ -181,7 +196,10 @@ def pattern_bar_chart(summary: pd.DataFrame) -> str:
 
 
 def wafer_image(wafer: Wafer, mask: np.ndarray, report: ReportParams) -> str:
-    rgb = viz.upscale_dies(viz.colour_dies(wafer.map, mask), report.die_px, report.gap_px)
+    """The map with its mask, each die die_px square, smaller for a map that would exceed max_image_px."""
+    die_px = max(1, min(report.die_px, report.max_image_px // max(wafer.shape)))
+    gap_px = report.gap_px if die_px > 2 * report.gap_px else 0
+    rgb = viz.upscale_dies(viz.colour_dies(wafer.map, mask), die_px, gap_px)
     return png_data_uri(rgb)
 
 
@@ -309,7 +327,7 @@ def lot_page(lot_id: str, wafers: Sequence[Wafer], masks: Sequence[np.ndarray], 
                      *SHAPE_COLUMNS]
     figures = "\n".join(wafer_figure(w, m, r, report)
                         for w, m, r in zip(wafers, masks, table.to_dict("records")))
-    quarantine_section = (html_table(quarantine, QUARANTINE_COLUMNS) if len(quarantine)
+    quarantine_section = (html_table(quarantine_for_page(quarantine), QUARANTINE_COLUMNS) if len(quarantine)
                           else "<p>No input was quarantined.</p>")
     body = f"""
 <h1>Lot {_e(lot_id)}</h1>
@@ -360,6 +378,19 @@ def _check_inputs(lot_id: str, wafers: Sequence[Wafer], predictions: Sequence[np
         raise ValueError(f"lot {lot_id}: wafers {both} are both reported and quarantined")
 
 
+FORMULA_LEADS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """CSV cells a spreadsheet would run as a formula (text led by = + - @, a tab or CR: CSV injection from a
+    hostile id or path) get a leading apostrophe, which spreadsheets show as text. wafers.parquet keeps them."""
+    def escape(value: object) -> object:
+        return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_LEADS) else value
+
+    text = [name for name in frame.columns if not pd.api.types.is_numeric_dtype(frame[name])]
+    return frame.assign(**{name: frame[name].map(escape) for name in text})
+
+
 def _build_lot(directory: Path, lot_id: str, wafers: Sequence[Wafer], masks: Sequence[np.ndarray],
                quarantined: Sequence[Rejected], model_version: str, infer: InferParams,
                report: ReportParams) -> None:
@@ -369,23 +400,43 @@ def _build_lot(directory: Path, lot_id: str, wafers: Sequence[Wafer], masks: Seq
     table = wafer_table(wafers, masks, model_version, infer.min_pattern_dies)
     summary = summary_table(lot_id, table, infer.min_pattern_dies)
     quarantine = quarantine_table(lot_id, quarantined)
-    table.to_csv(directory / WAFERS_CSV, index=False)
+    spreadsheet_safe(table).to_csv(directory / WAFERS_CSV, index=False)
     table.to_parquet(directory / "wafers.parquet", index=False)
-    summary.to_csv(directory / "summary.csv", index=False)
-    quarantine.to_csv(directory / "quarantine.csv", index=False)
+    spreadsheet_safe(summary).to_csv(directory / "summary.csv", index=False)
+    spreadsheet_safe(quarantine).to_csv(directory / "quarantine.csv", index=False)
     counts = LotCounts(reported=len(wafers), quarantined=len(quarantined))
     generated_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     page = lot_page(lot_id, wafers, masks, table, summary, quarantine, model_version, generated_at,
                     counts, infer, report)
     (directory / REPORT_FILE).write_text(page, encoding="utf-8")
-    write_manifest(directory, lot_id, model_version, generated_at, counts)
+    write_manifest(directory, lot_id, model_version, generated_at, counts, inputs_fingerprint(wafers, quarantined))
+
+
+def inputs_fingerprint(wafers: Sequence[Wafer], quarantined: Sequence[Rejected]) -> str:
+    """What a lot's report was made from: every wafer's id, label and map and every rejected input. A lot
+    whose inputs changed since (a copy still running when it was read, a wafer added) is reported again."""
+    digest = hashlib.sha256()
+    for wafer in sorted(wafers, key=lambda w: w.wafer_id):
+        digest.update(f"{wafer.wafer_id}\0{wafer.shape}\0{wafer.label}\0".encode())
+        digest.update(np.ascontiguousarray(wafer.map).tobytes())
+    for item in sorted(quarantined, key=lambda r: (str(r.wafer_id), r.source, r.reason)):
+        digest.update(f"{item.wafer_id}\0{item.source}\0{item.reason}\0".encode())
+    return digest.hexdigest()
+
+
+def _file_record(path: Path) -> dict:
+    """Size and sha256 of a report file, after flushing it to disk (the manifest is written last)."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+        os.fsync(handle.fileno())
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 def write_manifest(directory: Path, lot_id: str, model_version: str, generated_at: str,
-                   counts: LotCounts) -> None:
-    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+                   counts: LotCounts, inputs: str) -> None:
+    files = {p.relative_to(directory).as_posix(): _file_record(p) for p in sorted(directory.rglob("*")) if p.is_file()}
     manifest = {"schema": MANIFEST_SCHEMA, "lot_id": lot_id, "model_version": model_version,
-                "generated_at": generated_at, "counts": counts.as_dict(), "files": files}
+                "generated_at": generated_at, "counts": counts.as_dict(), "inputs_sha256": inputs, "files": files}
     path = directory / MANIFEST_FILE
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=2)
@@ -394,9 +445,8 @@ def write_manifest(directory: Path, lot_id: str, model_version: str, generated_a
 
 
 def remove_stale_builds(out_root: Path, lot_id: str) -> None:
-    """Delete what a killed writer left of the lot's build (`.tmp-<lot_id>-*`); call while holding the lot."""
-    for leftover in Path(out_root).glob(f".tmp-{glob.escape(lot_id)}-{'?' * 8}"):  # mkdtemp adds 8 characters
-        shutil.rmtree(leftover, ignore_errors=True)
+    """Undo what a killed writer left of the lot's report (io.recover_directory); call while holding the lot."""
+    recover_directory(Path(out_root) / lot_id)
 
 
 class ReportWriteError(OSError):
@@ -418,7 +468,7 @@ def write_lot_report(lot_id: str, wafers: list[Wafer], predictions: list[np.ndar
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     try:
-        building = Path(tempfile.mkdtemp(prefix=f".tmp-{lot_id}-", dir=out_root))
+        building = staging_directory(out_root / lot_id)
     except OSError as error:
         raise ReportWriteError(out_root / lot_id, error) from error
     try:
@@ -440,23 +490,30 @@ def write_lot_report(lot_id: str, wafers: list[Wafer], predictions: list[np.ndar
 
 
 def read_manifest(lot_dir: Path) -> dict | None:
-    """The manifest of a complete report, or None when it is missing, unreadable or names a file
-    that is not there."""
+    """The manifest of a complete report, or None when it is missing, unreadable, of an older schema, or
+    names a file that is not there or not of the size written (hashes are kept for audits)."""
     try:
         manifest = json.loads((lot_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+    if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA \
+            or not isinstance(manifest.get("files"), dict):
         return None
-    if not all((lot_dir / name).is_file() for name in manifest["files"]):
-        return None
+    for name, record in manifest["files"].items():
+        try:
+            if (lot_dir / name).stat().st_size != record["bytes"]:
+                return None
+        except (OSError, TypeError, KeyError):
+            return None
     return manifest
 
 
-def lot_is_current(out_root: Path, lot_id: str, model_version: str) -> bool:
-    """True when `out_root/<lot_id>/` is a complete report written by `model_version`."""
+def lot_is_current(out_root: Path, lot_id: str, model_version: str, inputs: str | None = None) -> bool:
+    """True when `out_root/<lot_id>/` is a complete report written by `model_version` (from the inputs with
+    fingerprint `inputs`, when given)."""
     manifest = read_manifest(Path(out_root) / lot_id)
-    return manifest is not None and manifest.get("model_version") == model_version
+    return manifest is not None and manifest.get("model_version") == model_version \
+        and (inputs is None or manifest.get("inputs_sha256") == inputs)
 
 
 def complete_lots(out_root: Path) -> list[tuple[Path, dict]]:

@@ -6,10 +6,12 @@ The loop reports each epoch through a callback; `pipeline.registry` turns those 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from pipeline import distributed, real_eval, realdata
+from pipeline.dataset import INDEX_FILE as DATASET_INDEX
 from pipeline.dataset import WaferDataset
 from pipeline.evaluate import evaluate_model, evaluate_real, evaluate_split, headline_metrics
 from pipeline.labels import label_classes
@@ -169,22 +172,51 @@ def real_example(wafer: Wafer) -> Example:
 
 
 def _save_atomically(payload: dict, path: Path) -> Path:
+    """Write to a staging file of its own (two trainings may share a directory), flush it to disk, then
+    rename it over `path`: a crash mid-save keeps the previous file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    torch.save(payload, staging)
-    os.replace(staging, path)  # a crash mid-save keeps the previous file
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(payload, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
     return path
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState, params: Params) -> None:
+# Settings that do not change what a resumed run computes: where files go, which device runs it.
+RESUME_INDEPENDENT_TRAIN_KEYS = ("device", "checkpoint_dir", "model_out", "reports_dir")
+
+
+def resume_key(params: Params, dataset: WaferDataset) -> dict:
+    """What a checkpoint must have been trained with for --resume to continue it: the seed, the model, the
+    training settings, the real sets and the training dataset's index (its content)."""
+    train = params.train.model_dump(mode="json", exclude=set(RESUME_INDEPENDENT_TRAIN_KEYS))
+    index = hashlib.sha256((dataset.root / DATASET_INDEX).read_bytes()).hexdigest()
+    return {"seed": params.seed, "model": params.model.model_dump(mode="json"), "train": train,
+            "real": params.real.model_dump(mode="json"), "dataset_index_sha256": index}
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState, params: Params,
+                    key: dict | None = None) -> None:
     _save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "state": state.__dict__,
-                      "params": params.model_dump(mode="json")}, path)
+                      "params": params.model_dump(mode="json"), "resume_key": key}, path)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
+def load_checkpoint(path: Path, model, optimizer, scheduler, key: dict | None = None) -> TrainState:
+    """Restore a training checkpoint; with `key` (resume_key of this run), refuse one trained otherwise."""
     checkpoint = load_checkpoint_file(path, path)
+    if key is not None and checkpoint.get("resume_key") != key:
+        theirs = checkpoint.get("resume_key") or {}
+        differ = sorted(k for k in key if theirs.get(k) != key[k]) or ["(no record)"]
+        raise ValueError(f"{path}: cannot resume: the checkpoint was trained with other {', '.join(differ)}; "
+                         "train without --resume to start over, or restore the settings and data it was made with")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
@@ -265,9 +297,10 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_lr(step, total_steps, tp.poly_power))
     weights = class_weights(dataset, tp).to(device)
     checkpoint = tp.checkpoint_dir / CHECKPOINT
+    key = resume_key(params, dataset)  # the same for every checkpoint of this run
     state = TrainState()
     if resume and checkpoint.is_file():
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, key)
         log.info("resumed from %s after epoch %d", checkpoint, state.epoch)
     elif resume:
         log.warning("--resume: no checkpoint at %s, starting from scratch", checkpoint)
@@ -326,7 +359,7 @@ def fit(
                 state.epochs_since_best += 1
             progress.update(task, score=record["val_score"])
             if group.is_main:
-                save_checkpoint(checkpoint, model, optimizer, scheduler, state, params)
+                save_checkpoint(checkpoint, model, optimizer, scheduler, state, params, key)
             if on_epoch and group.is_main:
                 on_epoch(epoch, record)
             log.info("epoch %d: loss %.4f, val score %.4f (best %.4f @ %d)", epoch, record["train_loss"],
@@ -350,7 +383,7 @@ def validation_record(model, val_wafers: list[Wafer], real_val: RealWafersOf, pa
     """Per-epoch val metrics and `val_score`, what selects the epoch: the mean of synthetic mIoU and each
     real set's headline score (WM-811K balanced accuracy, MixedWM38 exact match)."""
     tp = params.train
-    _, metrics = evaluate_model(model, val_wafers, tp.batch_wafers, device, amp, tp.channels_last)
+    _, metrics = evaluate_model(model, val_wafers, params.infer.batch_wafers, device, amp, tp.channels_last)
     record = {f"val_{k}": v for k, v in metrics.items() if isinstance(v, float)}
     real_scores = evaluate_real(model, real_val, params, device, amp)
     for name, scores in real_scores.items():
@@ -369,7 +402,8 @@ def calibrate(model, real_val: RealWafersOf, params: Params, device: torch.devic
     (they travel with its weights) and return them with the val objective before and after."""
     pp, tp = params.patterns, params.train
     names = list(real_val)
-    evidence = [evidence_of(model, real_val[name], tp.batch_wafers, device, amp, tp.channels_last) for name in names]
+    evidence = [evidence_of(model, real_val[name], params.infer.batch_wafers, device, amp, tp.channels_last)
+                for name in names]
     merged = Evidence.concatenate(evidence)
     labels = [w.label for name in names for w in real_val[name]]
     bounds = np.cumsum([0, *[len(real_val[name]) for name in names]])
@@ -468,24 +502,24 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
         warm, warm_label = warm_start_model(params, select_device(params.train.device))
 
     def start(state: TrainState) -> None:
-        run = mlflow.start_run(run_id=state.run_id, log_system_metrics=params.registry.system_metrics)
+        run = registry.start_run(run_id=state.run_id, log_system_metrics=params.registry.system_metrics)
         state.run_id = run.info.run_id
         if not resume or not state.history:
-            mlflow.log_params(_flatten(params.model_dump(mode="json")))
-            mlflow.log_params({"dataset.version": version, "dataset.content_hash": content_hash,
+            registry.log_params(_flatten(params.model_dump(mode="json")))
+            registry.log_params({"dataset.version": version, "dataset.content_hash": content_hash,
                                "dataset.path": str(dataset_dir), "warm_start": warm_label or "none",
                                **{f"dataset.{s}_wafers": int((dataset.index["split"] == s).sum())
                                   for s in ("train", "val", "test")},
                                **{f"real.{name}.{s}_wafers": len(w) for name, splits in real.items()
                                   for s, w in splits.items()}})
-            mlflow.set_tags({"dataset_version": version, "profile": params.profile})
+            registry.set_tags({"dataset_version": version, "profile": params.profile})
 
     try:
         result = fit(params, dataset, resume=resume, on_start=start, model=warm, real=fit_real,
-                     on_epoch=lambda epoch, record: mlflow.log_metrics(record, step=epoch))
+                     on_epoch=lambda epoch, record: registry.log_metrics(record, step=epoch))
         model, device, amp, tp = result.model, result.device, result.amp, params.train
         test_wafers = masked_wafers(dataset, "test")
-        confusion, metrics, plots = evaluate_split(model, test_wafers, out_dir, "test", tp.batch_wafers, device,
+        confusion, metrics, plots = evaluate_split(model, test_wafers, out_dir, "test", params.infer.batch_wafers, device,
                                                    amp, tp.channels_last)
         real_scores = {split: evaluate_real(model, {n: s[split] for n, s in real.items()}, params, device, amp)
                        for split in ("val", "test")}
@@ -503,17 +537,16 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
              "real": {split: {name: real_eval.headline(scores) for name, scores in by_set.items()}
                       for split, by_set in real_scores.items()},
              "calibration": {k: round(v, 6) for k, v in result.calibration.items()}}, indent=2))
-        mlflow.log_metrics({**test_metrics, **real_metrics, **result.calibration})
-        mlflow.log_metrics({"best_epoch": result.state.best_epoch, "epochs_run": result.state.epoch,
+        registry.log_metrics({**test_metrics, **real_metrics, **result.calibration})
+        registry.log_metrics({"best_epoch": result.state.best_epoch, "epochs_run": result.state.epoch,
                             "train_wafers_per_s_overall": result.state.wafers_seen / result.state.train_seconds})
         for plot in plots:
-            mlflow.log_artifact(str(plot), "plots")
-        mlflow.log_dict({"matrix": confusion.matrix.tolist(), "metrics": metrics}, "metrics/test_confusion.json")
-        mlflow.log_dict(real_scores, "metrics/real_scores.json")
+            registry.log_artifact(str(plot), "plots")
+        registry.log_dict({"matrix": confusion.matrix.tolist(), "metrics": metrics}, "metrics/test_confusion.json")
+        registry.log_dict(real_scores, "metrics/real_scores.json")
         example = np.stack([test_wafers[0].map])
         registry.log_weights(tp.model_out)
-        info = registry.log_model(model, example, params.registry.model_name)
-        model_version = str(info.registered_model_version)
+        model_version = registry.log_and_register_model(model, example, params.registry.model_name)
 
         synthetic_val = masked_wafers(dataset, "val")
         real_val = {name: splits["val"] for name, splits in real.items()}
@@ -529,8 +562,8 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
 
         decision = registry.gate(params.registry.model_name, model_version, challenger, champion_scores,
                                  params.registry.gate_sigmas)
-        mlflow.set_tag("gate", decision.describe())
-        mlflow.log_metrics({"gate_promoted": float(decision.promoted),
+        registry.set_tags({"gate": decision.describe()})
+        registry.log_metrics({"gate_promoted": float(decision.promoted),
                             **{f"champion_val_{k}": v.value for k, v in (decision.champion or {}).items()}})
         summary = {"run_id": result.state.run_id, "model_version": model_version, "dataset_version": version,
                    "warm_start": warm_label, "promoted": decision.promoted, "gate": decision.describe(),
@@ -546,7 +579,7 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
 
 def val_miou(model, wafers: list[Wafer], params: Params, device: torch.device, amp: bool) -> float:
     tp = params.train
-    return evaluate_model(model, wafers, tp.batch_wafers, device, amp, tp.channels_last)[1]["miou"]
+    return evaluate_model(model, wafers, params.infer.batch_wafers, device, amp, tp.channels_last)[1]["miou"]
 
 
 def gate_scores(real_scores: dict[str, dict]) -> dict:

@@ -8,6 +8,7 @@ project's DVC work behind a file lock and turns DVC's own lock and remote errors
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.dataset import INDEX_FILE, WaferDataset, write_dataset
-from pipeline.io import Rejected, iter_source
+from pipeline.io import Rejected, _atomic_target, iter_source, recover_directory
 from pipeline.locks import LockHeld, hold_lock
 from pipeline.params import DataParams, Params, RealParams
 from pipeline.wafer import Wafer, WaferError
@@ -31,7 +32,9 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 LOCK_FILE = Path(".dvc/tmp/waferseg-dvc.lock")
+PENDING_FILE = Path(".dvc/tmp/waferseg-pending-version.json")  # an ingest's version, recorded before the store changes
 DVC_BUSY = "Unable to acquire lock"
+GIT_TIMEOUT_S = 120  # git work here is local (status, add, commit of data.dvc)
 GIT_IDENTITY = ("-c", "user.name=waferseg", "-c", "user.email=waferseg@localhost")
 # What `data/` holds before any real labelled data arrives: the same bytes everywhere, so a fresh clone
 # rebuilds the version data.dvc names without a remote.
@@ -106,12 +109,22 @@ def dvc_lock(workspace: Path, timeout_s: float) -> Iterator[None]:
             f"{timeout_s:g} s. Let it finish (or stop it) and run again.") from None
 
 
-def _dvc(workspace: Path, *args: str, timeout_s: float = 0.0) -> str:
+def _run_command(command: list[str], workspace: Path, timeout_s: float) -> subprocess.CompletedProcess:
+    """One dvc or git command, killed after timeout_s: a hung `dvc push` must not hold the locks for ever."""
+    try:
+        return subprocess.run(command, cwd=workspace, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        shown = " ".join(Path(command[0]).name if i == 0 else part for i, part in enumerate(command))
+        raise VersioningError(f"`{shown}` in {workspace.resolve()} did not finish within {timeout_s:g} s and was "
+                              "stopped (data.command_timeout_s); check the remote and run again") from None
+
+
+def _dvc(workspace: Path, *args: str, timeout_s: float = 0.0, command_timeout_s: float = 900.0) -> str:
     """Run one DVC command; retry while another DVC process (a `dvc repro`, say) holds DVC's own lock."""
     deadline = time.monotonic() + timeout_s
     delay = 0.5
     while True:
-        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, capture_output=True, text=True)
+        done = _run_command([sys.executable, "-m", "dvc", *args], workspace, command_timeout_s)
         if done.returncode == 0:
             return done.stdout
         output = f"{done.stdout}\n{done.stderr}".strip()
@@ -130,7 +143,7 @@ def _last_lines(text: str, n: int = 3) -> str:
 
 
 def _git(workspace: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=workspace, capture_output=True, text=True)
+    return _run_command(["git", *args], workspace, GIT_TIMEOUT_S)
 
 
 def in_git_work_tree(workspace: Path) -> bool:
@@ -167,7 +180,8 @@ def version_data(params: DataParams, message: str, workspace: Path = Path("."),
 def _version_locked(params: DataParams, message: str, workspace: Path, expect_md5: str | None) -> DataVersion:
     tracked = dvc_file(params, workspace)
     before = tracked.read_bytes() if tracked.is_file() else None
-    _dvc(workspace, "add", str(params.root), timeout_s=params.lock_timeout_s)
+    _dvc(workspace, "add", str(params.root), timeout_s=params.lock_timeout_s,
+         command_timeout_s=params.command_timeout_s)
     md5 = dvc_md5(params, workspace)
     if expect_md5 is not None and md5 != expect_md5:
         if before is not None:
@@ -179,7 +193,7 @@ def _version_locked(params: DataParams, message: str, workspace: Path, expect_md
         commit = _commit(workspace, dvc_file(params, workspace), message)
     try:
         _dvc(workspace, "push", "--quiet", "-r", params.remote, dvc_file(params).as_posix(),
-             timeout_s=params.lock_timeout_s)
+             timeout_s=params.lock_timeout_s, command_timeout_s=params.command_timeout_s)
     except VersioningError as error:
         raise VersioningError(f"dataset version {md5} is recorded in {dvc_file(params)} but was not pushed "
                               f"to DVC remote '{params.remote}': {error}. The next run pushes it.") from None
@@ -199,7 +213,8 @@ def restore_data(params: DataParams, workspace: Path = Path(".")) -> str:
         if dvc_file(params, workspace).is_file():
             for command in ("checkout", "pull"):
                 try:
-                    _dvc(workspace, command, "--quiet", dvc_file(params).as_posix(), timeout_s=params.lock_timeout_s)
+                    _dvc(workspace, command, "--quiet", dvc_file(params).as_posix(), timeout_s=params.lock_timeout_s,
+                         command_timeout_s=params.command_timeout_s)
                     return command
                 except VersioningError as error:
                     log.debug("dvc %s: %s", command, error)
@@ -230,15 +245,22 @@ def ingest(params: Params, sources: list[Path] | None = None, workspace: Path = 
     """
     data = params.data
     workspace = Path(workspace)
-    entries = [Path(s) for s in sources] if sources is not None else _inbox_entries(workspace / data.inbox)
     result = IngestResult()
     with dvc_lock(workspace, data.lock_timeout_s):
         store = workspace / data.store
+        recover_directory(store)  # a kill mid-replace must not make the next ingest forget the store
+        result.version, finished = _finish_pending(data, workspace, params.infer.wafer_table_lot_wafers)
+        if sources is None:
+            entries = _inbox_entries(workspace / data.inbox)
+        else:
+            entries = [Path(s) for s in sources if str(s) not in finished]
         kept = list(WaferDataset(store).wafers(with_origin=True)) if (store / INDEX_FILE).is_file() else []
         known = {(w.lot_id, w.wafer_id): w.source for w in kept}
         added: list[Wafer] = []
         for entry in entries:
-            wafers, problem = _labelled_wafers(entry, known, params.infer.wafer_table_lot_wafers)
+            # sources named on the command line may be pickles; inbox entries never are opened as one
+            wafers, problem = _labelled_wafers(entry, known, params.infer.wafer_table_lot_wafers,
+                                               named=sources is not None)
             if problem:
                 result.quarantined[str(entry)] = problem
                 _quarantine(entry, problem, workspace / data.quarantine)
@@ -247,16 +269,60 @@ def ingest(params: Params, sources: list[Path] | None = None, workspace: Path = 
             added += wafers
             result.merged.append(str(entry))
         if added:
-            write_dataset([*kept, *added], store, params.dataset, params.seed)
-            _move_ingested(entries, result.merged, workspace / data.ingested)
             lots = len({w.lot_id for w in added})
             names = ", ".join(Path(m).name for m in result.merged)
+            message = f"data: ingest {len(added)} labelled wafers in {lots} lots from {names}"
+            _write_pending(workspace, message, result.merged)  # first: a kill from here on is finished next run
+            write_dataset([*kept, *added], store, params.dataset, params.seed)
+            _move_ingested(entries, result.merged, workspace / data.ingested)
             result.wafers_added = len(added)
-            result.version = _version_locked(
-                data, f"data: ingest {len(added)} labelled wafers in {lots} lots from {names}", workspace, None)
+            result.version = _version_locked(data, message, workspace, None)
+            (workspace / PENDING_FILE).unlink()
     for entry, problem in result.quarantined.items():
         log.warning("quarantined %s: %s", entry, problem)
     return result
+
+
+def _write_pending(workspace: Path, message: str, merged: list[str]) -> None:
+    """Record, durably, the version an ingest is about to make and the entries it merges."""
+    with _atomic_target(workspace / PENDING_FILE) as staging, open(staging, "w", encoding="utf-8") as handle:
+        json.dump({"message": message, "merged": merged}, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _finish_pending(data: DataParams, workspace: Path, lot_wafers: int) -> tuple[DataVersion | None, list[str]]:
+    """Finish what an interrupted ingest recorded as pending (killed, or its push failed): an entry still in
+    the inbox whose wafers are all in the store moves out (the store was written; left, it would be
+    refused as a duplicate), any other stays to be merged now; then data/ is versioned as it is (`dvc add`,
+    commit, push). A push that fails again is logged; the record stays and this ingest's versioning retries.
+    Returns the version made and the entries moved out."""
+    path = workspace / PENDING_FILE
+    if not path.is_file():
+        return None, []
+    pending = json.loads(path.read_text(encoding="utf-8"))
+    log.warning("finishing an interrupted ingest: %s", pending["message"])
+    store = workspace / data.store
+    index = WaferDataset(store).index if (store / INDEX_FILE).is_file() else None
+    stored = set() if index is None else set(zip(index["lot_id"], index["wafer_id"]))
+    merged = [Path(entry) for entry in pending["merged"]]
+    done = [str(entry) for entry in merged if entry.exists() and _all_stored(entry, stored, lot_wafers)]
+    _move_ingested(merged, done, workspace / data.ingested)
+    try:
+        version = _version_locked(data, pending["message"], workspace, None)
+    except VersioningError as error:
+        log.warning("%s", error)
+        return None, done
+    path.unlink()
+    return version, done
+
+
+def _all_stored(entry: Path, stored: set[tuple[str, str]], lot_wafers: int) -> bool:
+    try:
+        items = list(iter_source(entry, wafers_per_lot=lot_wafers))
+    except WaferError:
+        return False
+    return all(isinstance(item, Wafer) and (item.lot_id, item.wafer_id) in stored for item in items)
 
 
 def _inbox_entries(inbox: Path) -> list[Path]:
@@ -265,17 +331,17 @@ def _inbox_entries(inbox: Path) -> list[Path]:
     return sorted(entry for entry in inbox.iterdir() if not entry.name.startswith("."))
 
 
-def _labelled_wafers(entry: Path, known: dict[tuple[str, str], str], lot_wafers: int
+def _labelled_wafers(entry: Path, known: dict[tuple[str, str], str], lot_wafers: int, named: bool
                      ) -> tuple[list[Wafer], str | None]:
     """Every wafer of one inbox entry, or the first reason to refuse the whole entry."""
     try:
-        items = list(iter_source(entry, wafers_per_lot=lot_wafers))
+        items = list(iter_source(entry, wafers_per_lot=lot_wafers, named=named))
     except WaferError as error:
         return [], str(error)
     wafers = []
     for item in items:
         if isinstance(item, Rejected):
-            return [], f"{item.source}: {item.reason}"
+            return [], item.reason  # it names the file (and the wafer)
         key = (item.lot_id, item.wafer_id)
         if item.mask is None and item.label is None:
             return [], f"{item.source}: wafer {item.lot_id}/{item.wafer_id} is not labelled (labelled data needs " \

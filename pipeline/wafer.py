@@ -14,6 +14,11 @@ DEFECT_CLASSES = tuple(range(1, NUM_CLASSES))
 DIE_COLUMNS = [f"dies_{name}" for name in CLASS_NAMES]
 # Ids become file and directory names: NAME_MAX is 255 bytes, less room for suffixes and temporary prefixes.
 MAX_ID_BYTES = 200
+# The files a report root holds beside its lot directories: a lot of one of these names (any case, for
+# case-insensitive file systems) would collide with them, so it is refused as an id.
+INDEX_FILE = "index.html"
+RUN_QUARANTINE_FILE = "quarantine.csv"
+RESERVED_LOT_IDS = frozenset({INDEX_FILE, RUN_QUARANTINE_FILE})
 
 
 class WaferError(ValueError):
@@ -86,6 +91,8 @@ def check_id(value: object, what: str, source: object, lot_id: object = None, wa
         problem = f"{what} {text!r} contains control characters"
     elif _has_surrogates(text):
         problem = f"{what} {text!r} is not UTF-8 text (bytes of another encoding show as \\udcXX)"
+    elif what == "lot_id" and text.lower() in RESERVED_LOT_IDS:
+        problem = f"lot_id {text!r} is reserved: a report root holds the run's own {text.lower()} beside its lots"
     elif len(text.encode()) > MAX_ID_BYTES:
         problem = f"{what} {text[:40]!r}... is {len(text.encode())} bytes long; a file name holds {MAX_ID_BYTES}"
     if problem:

@@ -29,10 +29,12 @@ from pipeline.io import (
     Item,
     PathLike,
     _atomic_target,
+    _check_table_bytes,
     _require_columns,
     _side_limit_problem,
     _unique_wafers,
     _warn_dropped_masks,
+    parquet_column_bytes,
 )
 from pipeline.labels import normalise_label
 from pipeline.wafer import Wafer, WaferError, validate_wafer
@@ -101,7 +103,8 @@ def write_wafer_table(wafers: Iterable[Wafer], path: PathLike) -> None:
 
 
 def _open(path: Path) -> pq.ParquetFile:
-    """The file, once its metadata says it is a wafer table with rows: nothing of the maps is read yet."""
+    """The file, once its metadata says it is a wafer table with rows of a readable size: nothing of the maps
+    is read yet."""
     try:
         parquet = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as error:
@@ -117,6 +120,9 @@ def _open(path: Path) -> pq.ParquetFile:
             raise WaferError(path, f"column {name!r} has type {schema.field(name).type}; {wanted} are required")
     if parquet.metadata.num_rows == 0:
         raise WaferError(path, "no wafers: the table has its columns but no rows")
+    # read a row group at a time: the largest one bounds the memory (a compressed map column can expand a lot)
+    _check_table_bytes(path, max(parquet_column_bytes(parquet.metadata, schema.names)),
+                       "a row group of the wafer table (uncompressed)")
     return parquet
 
 

@@ -3,49 +3,19 @@ skip-training path, a retried task, and infer_lots on a 2-worker Dask cluster.""
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from pipeline import io, synth
-from pipeline.params import parse_params
-from tests.real_fixture import tiny_real
-
-PROJECT = Path(__file__).resolve().parents[1]
-
-
-def _run(cwd: Path, *command: str) -> None:
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    assert done.returncode == 0, f"{' '.join(command)}:\n{done.stdout}\n{done.stderr}"
-
-
-def _wafers(seed: int, n: int, prefix: str, per_lot: int = 3):
-    params = parse_params({"synth": {"wafers_per_lot": per_lot, "lot_prefix": prefix}})
-    return list(synth.generate(params.synth, seed=seed, n=n))
+from pipeline import io
+from tests.nightly_workspace import SEED_LOTS, nightly_workspace, synthetic_wafers as _wafers
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A git + DVC work tree with the project's params.yaml shrunk to a tiny profile and a few real-format lots."""
-    root = tmp_path_factory.mktemp("nightly")
-    _run(root, "git", "init", "-q")
-    (root / ".gitignore").write_text((PROJECT / ".gitignore").read_text())
-    _run(root, sys.executable, "-m", "dvc", "init", "-q")
-    _run(root, sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(root / "dvc-remote"))
-    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params["synth"].update(n_wafers=60, wafers_per_lot=5)
-    params["model"]["width"] = 0.0625
-    params["train"].update(epochs=1, batch_wafers=16, device="cpu")
-    params["registry"]["system_metrics"] = False
-    params["flow"].update(seed_lots=str(root / "seed.parquet"), retry_delay_s=0)
-    params["real"] = tiny_real(root / "real_data", wafers=40, relative_to=root)
-    params["patterns"].update(offset_grid=[-2.0, 2.0, 5], calibration_rounds=1)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    io.write_die_table(_wafers(11, n=9, prefix="REAL"), root / "seed.parquet")
-    return root
+    return nightly_workspace(tmp_path_factory.mktemp("nightly"))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +25,8 @@ def first_run(workspace, prefect_api):
     cwd = os.getcwd()
     os.chdir(workspace)
     try:
-        yield workspace, nightly(workspace / "params.yaml")
+        state = nightly(workspace / "params.yaml", return_state=True)
+        yield workspace, state.result() | {"flow_run_id": state.state_details.flow_run_id}
     finally:
         os.chdir(cwd)
 
@@ -66,18 +37,21 @@ def test_nightly_ingests_trains_registers_and_reports_every_lot(first_run):
     assert result["trained"]["model_version"] == "1" and result["champion_version"] == "1"
     assert result["inferred"] == {"read": 9, "reported": 9, "lots_reported": 3, "quarantined": 0, "skipped": 0}
     assert result["dataset_md5"].endswith(".dir")
-    for lot in ("REAL11-00000", "REAL11-00001", "REAL11-00002"):
+    for lot in SEED_LOTS:
         assert (root / "reports" / "lots" / lot / "manifest.json").is_file()
     assert Path(result["index"]).is_file()
 
 
 def test_nightly_publishes_a_summary_a_pattern_table_and_report_links(first_run):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    def latest(key: str) -> dict:
+    _, result = first_run
+
+    def latest(key: str) -> dict:  # of this flow run: other tests run nightlies on the same API
         with get_client(sync_client=True) as client:
-            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[result["flow_run_id"]])))
         assert found, f"no artifact {key}"
         return found[-1].model_dump()
 
@@ -147,7 +121,7 @@ def test_infer_lots_on_a_dask_cluster_matches_the_default_runner(first_run, tmp_
             outputs[runner] = out
     finally:
         os.chdir(cwd)
-    for lot in ("REAL11-00000", "REAL11-00001", "REAL11-00002"):
+    for lot in SEED_LOTS:
         thread, dask = (pd.read_csv(outputs[r] / lot / "wafers.csv") for r in ("thread", "dask"))
         pd.testing.assert_frame_equal(thread, dask)
         for mask in (outputs["thread"] / lot / "masks").iterdir():

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from pipeline import io, report, synth
 from pipeline.cli import app
+from pipeline import infer as infer_module
 from pipeline.infer import infer
 from pipeline.model import build_model
 from pipeline.params import Params, parse_params
@@ -37,8 +38,8 @@ def setup(tmp_path_factory):
     return root, params, str(checkpoint), wafers
 
 
-def _run(params: Params, source: Path, out: Path, model: str, force: bool = False):
-    summary = infer(source, out, params, model_uri=model, force=force)
+def _run(params: Params, source: Path, out: Path, model: str, force: bool = False, named: bool = False):
+    summary = infer(source, out, params, model_uri=model, force=force, named=named)
     assert summary.read == summary.reported + summary.quarantined + summary.skipped
     return summary
 
@@ -77,8 +78,10 @@ def test_die_tables_and_wm811k_files(setup, tmp_path):
     numbered = [w for w in wafers]
     renumbered = [validate_wafer(w.lot_id, str(i + 1), w.map, label="none") for i, w in enumerate(numbered)]
     io.write_wm811k_pickle(renumbered, tmp_path / "LSWMD.pkl")
-    summary = _run(params, tmp_path / "LSWMD.pkl", tmp_path / "out-pkl", model)
+    summary = _run(params, tmp_path / "LSWMD.pkl", tmp_path / "out-pkl", model, named=True)
     assert (summary.read, summary.reported) == (12, 12)
+    unnamed = _run(params, tmp_path / "LSWMD.pkl", tmp_path / "out-inbox", model)  # as an inbox entry
+    assert (unnamed.read, unnamed.reported, unnamed.quarantined) == (1, 0, 1)
 
 
 def test_every_bad_input_is_quarantined_with_its_reason(setup, tmp_path):
@@ -130,6 +133,20 @@ def test_current_lots_are_skipped_unless_forced(setup, tmp_path):
     assert (forced.reported, forced.skipped) == (12, 0)
 
 
+def test_a_lot_whose_inputs_changed_is_reported_again(setup, tmp_path):
+    """A lot read while its producer was still copying it is re-reported once the rest has arrived."""
+    root, params, model, wafers = setup
+    lot = wafers[0].lot_id
+    of_lot = [w for w in wafers if w.lot_id == lot]
+    io.write_npy_lots(of_lot[:-1], tmp_path / "inbox")
+    _run(params, tmp_path / "inbox", tmp_path / "out", model)
+    io.write_npy_lots(of_lot[-1:], tmp_path / "inbox")  # the last wafer lands after the first run
+    again = _run(params, tmp_path / "inbox", tmp_path / "out", model)
+    assert (again.reported, again.lots_reported) == (len(of_lot), 1)
+    assert len(pd.read_csv(tmp_path / "out" / lot / "wafers.csv")) == len(of_lot)
+    assert _run(params, tmp_path / "inbox", tmp_path / "out", model).lots_reported == 0
+
+
 def test_a_crash_mid_run_leaves_no_complete_looking_report(setup, tmp_path, monkeypatch):
     root, params, model, wafers = setup
     io.write_die_table(wafers, tmp_path / "dies.parquet")
@@ -174,3 +191,18 @@ def test_a_wafer_table_without_lot_ids_is_reported_in_lots_of_the_configured_siz
     assert _lots(tmp_path / "out") == ["night-00000", "night-00001", "night-00002"]
     wafers = pd.read_csv(tmp_path / "out" / "night-00002" / "wafers.csv", dtype=str)
     assert wafers["wafer_id"].tolist() == [table["wafer_id"][6].as_py()]
+
+
+def test_the_class_mix_counts_complete_reports_only(setup, tmp_path):
+    """Another run's half-built lot (`OUT/.tmp-<lot>-xxxxxxxx/`) is neither counted nor read: it can vanish."""
+    root, params, model, wafers = setup
+    io.write_npy_lots(wafers, tmp_path / "inbox")
+    out = tmp_path / "out"
+    summary = _run(params, tmp_path / "inbox", out, model)
+    first_lot = wafers[0].lot_id
+    building = out / f".tmp-{first_lot}-abcdefgh"
+    building.mkdir()
+    (out / first_lot / "wafers.csv").replace(building / "wafers.csv")  # also: lot 1's report is now incomplete
+    counts = infer_module.lot_pattern_counts(out)
+    assert sorted(counts.index) == sorted({w.lot_id for w in wafers} - {first_lot})
+    assert counts["wafers"].sum() == summary.reported - 3

@@ -208,7 +208,37 @@ def test_wm811k_pickle_round_trip(tmp_path):
     io.write_wm811k_pickle(written, path)
 
     assert io.source_kind(path) == io.WM811K_PICKLE
-    assert_same_wafers(io.read_wafers(path), written)
+    assert_same_wafers(io.read_wafers(path, named=True), written)
+
+
+def test_a_pickle_not_named_by_the_user_is_never_opened(tmp_path):
+    """An inbox entry is read unnamed: a pickle there is refused before a byte of it is unpickled."""
+    marker = tmp_path / "ran"
+    path = tmp_path / "LSWMD.pkl"
+    path.write_bytes(pickle.dumps(_CreatesFileWhenUnpickled(marker)))
+
+    with pytest.raises(WaferError, match=re.escape(str(path)) + ".*pickles are only read when named explicitly"):
+        io.read_wafers(path)
+    with pytest.raises(WaferError, match="pickles are only read when named explicitly"):
+        list(io.iter_source(path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("payload", ["open", "os.system", "pandas.read_pickle", "numpy.load"])
+def test_a_named_pickle_may_only_build_a_dataframe(tmp_path, payload):
+    """Named explicitly, a pickle is unpickled with an allowlist of what an LSWMD DataFrame is made of: any
+    other global (a function that would run, from a module never imported) is refused, naming it."""
+    marker = tmp_path / "ran"
+    module, _, name = payload.rpartition(".")
+    global_ref = f"{module or 'builtins'}\n{name}\n".encode()
+    # GLOBAL module.name, then call it with the marker path: what a malicious __reduce__ pickles
+    content = b"c" + global_ref + b"(" + pickle.dumps(str(marker), protocol=0)[:-1] + b"tR."
+    path = tmp_path / "LSWMD.pkl"
+    path.write_bytes(content)
+
+    with pytest.raises(WaferError, match=rf"cannot unpickle \(UnpicklingError: refused global .*{name}"):
+        io.read_wafers(path, named=True)
+    assert not marker.exists()
 
 
 def test_wm811k_writers_drop_masks_with_a_warning(tmp_path, caplog):
@@ -296,7 +326,7 @@ def test_pandas019_pickle_is_read_through_module_aliases(tmp_path, monkeypatch, 
 
     with open(path, "rb") as file, pytest.raises(ModuleNotFoundError, match="pandas.indexes"):
         pickle.load(file)
-    assert_same_wafers(io.read_wafers(path), written)
+    assert_same_wafers(io.read_wafers(path, named=True), written)
 
 
 def test_pandas1_pickle_is_read_through_pandas_compat_unpickler(tmp_path, monkeypatch, caplog):
@@ -316,7 +346,7 @@ def test_pandas1_pickle_is_read_through_pandas_compat_unpickler(tmp_path, monkey
     with open(path, "rb") as file, pytest.raises(ModuleNotFoundError, match="pandas.core.indexes.numeric"):
         pickle.load(file)
     with caplog.at_level(logging.INFO, logger="pipeline.io"):
-        assert_same_wafers(io.read_wafers(path), written)
+        assert_same_wafers(io.read_wafers(path, named=True), written)
     assert "retrying with pandas' compat unpickler" in caplog.text
 
 
@@ -445,7 +475,37 @@ def test_stray_file_beside_lot_directories_is_quarantined(tmp_path):
 
     items = list(io.iter_source(tmp_path))
     assert len(items) == 2
-    assert_rejected(only_rejected(items)[0].reason, tmp_path / "readme.md", "not a lot directory")
+    assert_rejected(only_rejected(items)[0].reason, tmp_path / "readme.md", "unknown input format '.md'")
+
+
+def test_a_stray_npy_beside_lot_directories_is_quarantined_and_the_lots_read(tmp_path):
+    """One wafer file dropped at the top of an inbox must not turn the inbox into one lot."""
+    io.write_npy_lots([make_wafer("lot1", "a"), make_wafer("lot2", "b")], tmp_path)
+    np.save(tmp_path / "stray.npy", make_wafer("x", "stray").map)
+
+    items = list(io.iter_source(tmp_path))
+    assert sorted((w.lot_id, w.wafer_id) for w in items if isinstance(w, Wafer)) == [("lot1", "a"), ("lot2", "b")]
+    (rejected,) = only_rejected(items)
+    assert_rejected(rejected.reason, tmp_path / "stray.npy", "beside lot directories is not read")
+
+
+def test_die_and_wafer_tables_beside_lot_directories_are_read_and_a_pickle_is_not_opened(tmp_path):
+    io.write_npy_lots([make_wafer("lot1", "a")], tmp_path)
+    io.write_die_table([make_wafer("lot2", "b")], tmp_path / "dies.csv")
+    wafer_table.write_wafer_table([make_wafer("lot3", "c")], tmp_path / "wafers.parquet")
+    (tmp_path / "evil.pkl").write_bytes(b"not opened")
+
+    items = list(io.iter_source(tmp_path))
+    assert sorted(w.lot_id for w in items if isinstance(w, Wafer)) == ["lot1", "lot2", "lot3"]
+    (rejected,) = only_rejected(items)
+    assert_rejected(rejected.reason, tmp_path / "evil.pkl", "pickles are only read when named explicitly")
+
+
+def test_a_directory_of_die_tables_alone_is_read_as_an_inbox(tmp_path):
+    io.write_die_table([make_wafer("lot1", "a")], tmp_path / "one.parquet")
+    io.write_die_table([make_wafer("lot2", "b")], tmp_path / "two.csv")
+    items = list(io.iter_source(tmp_path))
+    assert sorted(w.lot_id for w in items) == ["lot1", "lot2"]
 
 
 # --- rejected die tables ---------------------------------------------------------------------
@@ -597,10 +657,10 @@ def test_bad_wm811k_pickle_is_one_rejection(tmp_path, content, problem):
     path = tmp_path / "LSWMD.pkl"
     path.write_bytes(content)
 
-    (rejected,) = io.iter_source(path)
+    (rejected,) = io.iter_source(path, named=True)
     assert_rejected(rejected.reason, path, problem)
     with pytest.raises(WaferError, match=problem):
-        io.read_wafers(path)
+        io.read_wafers(path, named=True)
 
 
 # --- writers refuse what their format cannot hold --------------------------------------------

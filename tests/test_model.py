@@ -153,7 +153,7 @@ def test_width_scales_every_channel_count() -> None:
 
 
 def test_build_model_uses_model_params_and_params_has_a_model_section() -> None:
-    assert Params().model == ModelParams() == ModelParams(arch="fcn8s", width=0.25, dropout=0.5)
+    assert Params().model == ModelParams() == ModelParams(arch="fcn8s", width=0.125, dropout=0.1)
     params = parse_params({"model": {"arch": "fcn16s", "width": SMALL, "dropout": 0.2}}).model
     model = build_model(params)
     assert model.arch == "fcn16s" and not hasattr(model, "score_pool3")

@@ -24,6 +24,14 @@ def test_repo_params_load_and_set_every_key():
     assert set(keys(written)) == set(keys(params.model_dump(mode="json")))
 
 
+def test_the_code_defaults_are_the_shipped_params_yaml():
+    """One set of defaults: a key a params file leaves out means what the shipped params.yaml says, so the
+    pydantic defaults (what tests and partial files get) and params.yaml cannot drift apart."""
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    shipped = parse_params(written).model_dump(mode="json", exclude={"profiles"})
+    assert parse_params({}).model_dump(mode="json", exclude={"profiles"}) == shipped
+
+
 def test_unknown_key_is_named(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("synth:\n  n_wafer: 10\n")

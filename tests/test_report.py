@@ -155,6 +155,16 @@ def test_quarantine_lists_records_and_is_header_only_when_empty(lot_dir: Path, t
     assert (clean / "quarantine.csv").read_text() == "lot_id,wafer_id,source,reason\n"
 
 
+def test_a_page_shows_inputs_without_the_absolute_paths_of_the_machine(tmp_path: Path):
+    source = str(tmp_path / "private" / "inbox" / LOT / "05.npy")
+    rejected = [Rejected(source=source, lot_id=LOT, wafer_id="05", reason=f"{source}: unreadable or corrupt .npy file")]
+    lot = report.write_lot_report(LOT, [], [], rejected, tmp_path / "out", MODEL, INFER, REPORT)
+    page = (lot / "report.html").read_text()
+    assert str(tmp_path) not in page
+    assert f">{LOT}/05.npy<" in page and f"{LOT}/05.npy: unreadable or corrupt .npy file" in page
+    assert pd.read_csv(lot / "quarantine.csv", dtype=str)["source"].tolist() == [source]  # the tables keep it
+
+
 def test_manifest_counts_and_lot_is_current(lot_dir: Path):
     manifest = json.loads((lot_dir / "manifest.json").read_text())
     assert manifest["model_version"] == MODEL and manifest["lot_id"] == LOT
@@ -164,6 +174,15 @@ def test_manifest_counts_and_lot_is_current(lot_dir: Path):
     assert report.lot_is_current(out_root, LOT, MODEL)
     assert not report.lot_is_current(out_root, LOT, "wafer-fcn8s/4")
     assert not report.lot_is_current(out_root, "LOT-Z", MODEL)
+    wafers, _, quarantined = _lot()
+    inputs = report.inputs_fingerprint(wafers, quarantined)
+    assert manifest["inputs_sha256"] == inputs and report.lot_is_current(out_root, LOT, MODEL, inputs)
+    # a lot read again with one wafer more (it was still being copied) is not current
+    assert not report.lot_is_current(out_root, LOT, MODEL, report.inputs_fingerprint(wafers[:-1], quarantined))
+    assert manifest["files"]["wafers.csv"]["bytes"] == (lot_dir / "wafers.csv").stat().st_size
+    with open(lot_dir / "wafers.csv", "r+b") as handle:  # a file cut short after the manifest was written
+        handle.truncate(10)
+    assert not report.lot_is_current(out_root, LOT, MODEL)
     (lot_dir / "summary.csv").unlink()  # a manifest naming a missing file is no complete report
     assert not report.lot_is_current(out_root, LOT, MODEL)
 

@@ -102,6 +102,20 @@ def test_warm_start_loads_the_champions_weights_when_the_architecture_matches(ti
     assert warm_start_model(wider, torch.device("cpu")) == (None, None)
 
 
+def test_a_model_without_weights_only_checkpoint_loads_only_when_the_user_opts_in(tiny, monkeypatch):
+    """A `runs:/` URI has no weights-only checkpoint: loading it would unpickle MLflow's model (run its code)."""
+    root, params = tiny
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    registry.configure(params.registry)
+    run_id = MlflowClient().get_model_version_by_alias("wafer-fcn8s", "champion").run_id
+    uri = f"runs:/{run_id}/model"
+    with pytest.raises(ValueError, match=r"runs:/.*no single weights-only checkpoint.*registry.allow_pickled_models"):
+        registry.load_model(uri, params.registry, torch.device("cpu"))
+    trusting = params.registry.model_copy(update={"allow_pickled_models": True})
+    model, label = registry.load_model(uri, trusting, torch.device("cpu"))
+    assert label == uri and isinstance(model, FCN)
+
+
 def test_resume_reproduces_the_uninterrupted_run(tiny):
     root, params = tiny
     dataset = WaferDataset(params.dataset.dir)
@@ -121,6 +135,11 @@ def test_resume_reproduces_the_uninterrupted_run(tiny):
     assert [h["train_loss"] for h in resumed.state.history] == [h["train_loss"] for h in straight.state.history]
     for name, weight in straight.model.state_dict().items():
         assert torch.equal(weight, resumed.model.state_dict()[name]), name
+    # the same checkpoint does not resume a run with other settings
+    changed = _with_train(params, root, "resumed", epochs=2, lr=0.01)
+    with pytest.raises(ValueError, match=r"last.pt: cannot resume: the checkpoint was trained with other train"):
+        fit(changed, dataset, resume=True)
+    assert not list((root / "resumed").glob("*.tmp")), "a staging file was left beside the checkpoint"
 
 
 def _scores(miou: float, wm811k: float, mixed: float) -> dict[str, Score]:
@@ -253,3 +272,21 @@ def test_a_checkpoint_from_before_batch_norm_and_the_decision_still_loads(tmp_pa
     maps = torch.randint(0, 3, (2, 40, 40))
     old.eval()
     torch.testing.assert_close(loaded(encode_maps(maps)), old(encode_maps(maps)))
+
+
+def test_a_relative_sqlite_store_is_the_one_of_the_directory_it_is_used_from(tmp_path, monkeypatch):
+    """MLflow keeps one store per URI string: `sqlite:///mlflow.db` must not reach the first workspace's DB
+    when a later run in the same process works in another workspace."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    relative = parse_params({}).registry
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        assert registry.tracking_uri(relative) == f"sqlite:///{tmp_path / name / 'mlflow.db'}"
+    absolute = parse_params({"registry": {"tracking_uri": f"sqlite:///{tmp_path / 'x.db'}",
+                                          "artifact_dir": str(tmp_path / "artifacts")}}).registry
+    assert registry.tracking_uri(absolute) == f"sqlite:///{tmp_path / 'x.db'}"
+    server = parse_params({"registry": {"tracking_uri": "http://127.0.0.1:5000"}}).registry
+    assert registry.tracking_uri(server) == "http://127.0.0.1:5000"
+    registry.configure(absolute)  # MLflow itself would leave it in the environment for the next workspace
+    assert "MLFLOW_TRACKING_URI" not in os.environ

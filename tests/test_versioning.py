@@ -1,6 +1,5 @@
 """Labelled data under DVC, run for real in temporary git repositories: versions, ingest, locks, repro."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -12,44 +11,20 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import io, synth
+from pipeline import io, synth, versioning
 from pipeline.dataset import WaferDataset
 from pipeline.params import parse_params
+from tests.dvc_repo import dvc as _dvc, dvc_repo, git as _git
 from tests.real_fixture import tiny_real
 from pipeline.versioning import (STORE_README, VersioningError, dvc_lock, dvc_md5, ingest, restore_data,
                                  version_data)
 
 PROJECT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _run(cwd: Path, *command: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
-    assert done.returncode == 0, f"{' '.join(command)}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
-
-
-def _git(cwd: Path, *args: str) -> str:
-    return _run(cwd, "git", "-c", "user.name=test", "-c", "user.email=test@localhost", *args)
-
-
-def _dvc(cwd: Path, *args: str) -> str:
-    return _run(cwd, sys.executable, "-m", "dvc", *args)
 
 
 @pytest.fixture
 def repo(tmp_path):
-    """A git work tree with DVC initialised and a local remote, like the project's own."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    _git(root, "init", "-q")
-    (root / ".gitignore").write_text("/data/\n/inbox/\n/build/\n")
-    _dvc(root, "init", "-q")
-    _dvc(root, "remote", "add", "-d", "local", str(tmp_path / "remote"))
-    _git(root, "add", "-A")
-    _git(root, "commit", "-q", "-m", "init")
-    return root
+    return dvc_repo(tmp_path / "repo", tmp_path / "remote")
 
 
 def _params(**data):
@@ -220,3 +195,77 @@ def test_a_train_param_change_reruns_only_train_and_later_stages(pipeline_repo):
     rerun = _dvc(root, "repro")
     ran = {stage for stage in ("generate", "split", "train", "evaluate", "infer") if f"Running stage '{stage}'" in rerun}
     assert ran == {"train", "evaluate", "infer"}
+
+
+def test_a_hung_dvc_command_is_stopped_with_a_clear_error(tmp_path, monkeypatch):
+    """A `dvc push` to a remote that never answers must not hold the DVC and nightly locks for ever."""
+    hanging = tmp_path / "hanging-python"
+    hanging.write_text("#!/bin/sh\nexec sleep 60\n")
+    hanging.chmod(0o755)
+    monkeypatch.setattr(versioning.sys, "executable", str(hanging))
+    with pytest.raises(versioning.VersioningError,
+                       match=r"`hanging-python -m dvc push --quiet` in .* did not finish within 0.5 s and was stopped"):
+        versioning._dvc(tmp_path, "push", "--quiet", command_timeout_s=0.5)
+
+
+class Killed(BaseException):
+    """What a kill -9 leaves: the ingest stops at this line, nothing after it runs."""
+
+
+@pytest.mark.parametrize("stop_at", ["_move_ingested", "_version_locked"])
+def test_an_ingest_killed_midway_is_finished_by_the_next_one(repo, monkeypatch, stop_at):
+    """Killed after the store is rewritten but before its entries move out of the inbox, or before data/ is
+    versioned: the next ingest (with nothing new) moves them out, versions data/ and pushes it."""
+    params = _params()
+    inbox = repo / "inbox" / "labelled"
+    io.write_npy_lots(_wafers(3), inbox / "lots")
+    real = getattr(versioning, stop_at)
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(versioning, stop_at, kill)
+    with pytest.raises(Killed):
+        ingest(params, workspace=repo)
+    monkeypatch.setattr(versioning, stop_at, real)
+    assert len(WaferDataset(repo / params.data.store)) == 6  # the store changed, unversioned
+    before = dvc_md5(params.data, repo)
+
+    result = ingest(params, workspace=repo)
+
+    assert result.quarantined == {}, "the merged entry was refused as a duplicate of itself"
+    assert not (inbox / "lots").exists() and (repo / "inbox" / "ingested" / "lots").is_dir()
+    assert result.version is not None and result.version.md5 == dvc_md5(params.data, repo) != before
+    assert _dvc(repo, "status", "-c", "-q", "data.dvc").strip() == "", "the version was not pushed"
+    assert not (repo / versioning.PENDING_FILE).exists()
+
+
+def test_an_ingest_killed_before_the_store_changed_leaves_its_entries_to_be_merged(repo, monkeypatch):
+    params = _params()
+    inbox = repo / "inbox" / "labelled"
+    io.write_npy_lots(_wafers(3), inbox / "lots")
+
+    def kill(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(versioning, "write_dataset", kill)
+    with pytest.raises(Killed):
+        ingest(params, workspace=repo)
+    monkeypatch.undo()
+    result = ingest(params, workspace=repo)
+    assert result.wafers_added == 6 and result.quarantined == {}
+    assert len(WaferDataset(repo / params.data.store)) == 6
+
+
+def test_a_failed_push_is_retried_by_the_next_ingest_even_with_an_empty_inbox(repo, tmp_path):
+    params = _params()
+    io.write_npy_lots(_wafers(3), repo / "inbox" / "labelled" / "lots")
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    _dvc(repo, "remote", "modify", "local", "url", str(blocker / "remote"))
+    with pytest.raises(VersioningError, match="was not pushed"):
+        ingest(params, workspace=repo)
+    _dvc(repo, "remote", "modify", "local", "url", str(tmp_path / "remote2"))
+    result = ingest(params, workspace=repo)
+    assert result.wafers_added == 0 and result.version is not None
+    assert _dvc(repo, "status", "-c", "-q", "data.dvc").strip() == "", "the retry pushed nothing"

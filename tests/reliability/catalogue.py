@@ -304,6 +304,11 @@ def _file(name: str, content: bytes) -> Callable[[Path], Path]:
     return write
 
 
+def _payload_pickle(directory: Path) -> Path:
+    (directory / "LSWMD.pkl").write_bytes(pickle.dumps(Payload(marker_of(directory.parent))))
+    return directory / "LSWMD.pkl"
+
+
 TABLE_CASES = [
     *(_table_case("dies_duplicate_die", lambda rows: pd.concat([rows, rows.iloc[[3]]]),
                   r"1 duplicate \(row, col\) dies, e\.g\. \(\d+, \d+\)", suffix) for suffix in (".csv", ".parquet")),
@@ -330,6 +335,12 @@ TABLE_CASES = [
     _file_case("dies_header_only", _file("dies.csv", b"lot_id,wafer_id,row,col,bin\n"),
                r"no dies: the table has its columns but no rows"),
     _file_case("dies_corrupt_parquet", _file("dies.parquet", b"PAR1 garbage PAR1"), r"unreadable die table"),
+    # An inbox entry that is a pickle is never opened (infer_lots and nightly hand inbox entries to infer
+    # unnamed). Named explicitly (ingest's arguments here), it is opened with the restricted unpickler,
+    # which refuses the payload's global before anything runs.
+    Case("pickle_file_at_top", _file_case("", _payload_pickle, "").build,
+         r"pickles are only read when named explicitly \(a pickle runs code\); not opened",
+         ingest_problem=r"cannot unpickle \(UnpicklingError: refused global io\.open: not part of a WM-811K"),
 ]
 
 

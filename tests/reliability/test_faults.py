@@ -119,7 +119,8 @@ def _report_content(out: Path) -> dict[str, bytes | dict]:
             continue
         key = path.relative_to(out).as_posix()
         if path.name == report.MANIFEST_FILE:
-            content[key] = {k: v for k, v in json.loads(path.read_text()).items() if k != "generated_at"}
+            manifest = json.loads(path.read_text())  # file hashes: the pages' differ by their timestamp
+            content[key] = {**{k: v for k, v in manifest.items() if k != "generated_at"}, "files": sorted(manifest["files"])}
         elif path.suffix == ".html":
             content[key] = b"\n".join(line for line in path.read_bytes().splitlines() if b"Generated" not in line)
         else:
@@ -198,6 +199,39 @@ def test_a_mlflow_database_that_stays_locked_gives_a_clear_error(tracking):
     writer.join()
 
 
+def test_a_training_runs_tracking_calls_wait_out_a_locked_database(tracking):
+    """start_run and per-epoch log_metrics survive a lock held past SQLite's own 5-s wait (MLflow 3 waits
+    these out itself; registry's wrappers retry beyond that like every registry call)."""
+    import mlflow
+
+    db, reg = tracking
+    writer = _lock_database(db, seconds=7)
+    run = registry.start_run()
+    try:
+        writer.join()
+        writer = _lock_database(db, seconds=7)
+        registry.log_metrics({"train_loss": 0.5}, step=1)
+        writer.join()
+        assert mlflow.MlflowClient().get_run(run.info.run_id).data.metrics["train_loss"] == 0.5
+    finally:
+        mlflow.end_run()
+
+
+def test_registering_a_runs_model_again_reuses_its_version(tracking, params):
+    """A retried registration (after a locked database) must not register the run's model twice."""
+    import mlflow
+
+    from pipeline.model import build_model
+
+    db, reg = tracking
+    with mlflow.start_run() as run:
+        info = registry.log_model(build_model(params.model), good_wafer("L", "w").map[None])
+        first = registry.register_run_model(info.model_uri, run.info.run_id, reg.model_name)
+        again = registry.register_run_model(info.model_uri, run.info.run_id, reg.model_name)
+    versions = mlflow.MlflowClient().search_model_versions(f"name='{reg.model_name}'")
+    assert first == again == "1" and len(versions) == 1
+
+
 # --- disk full --------------------------------------------------------------------------------------------
 
 
@@ -217,3 +251,71 @@ def test_disk_full_mid_report_is_a_clear_error_and_the_previous_reports_stay(tmp
                                                r"the previous report is kept"):
         infer(inbox, out, params, model_uri=checkpoint, force=True)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and ".locks" not in p.parts} == before
+
+
+def test_a_failure_in_prediction_leaves_no_lot_locked(tmp_path, params, checkpoint, monkeypatch):
+    """The lots claimed for a chunk are released when prediction fails, not only by the report writer (a
+    long-lived worker would otherwise hold them until its process ends)."""
+    from pipeline import infer as infer_module
+
+    inbox = tmp_path / "inbox"
+    write_npy_lots([good_wafer(lot, "w0") for lot in ("A", "B")], inbox)
+    claimed = []
+
+    def claim(out, lot_id):
+        claimed.append(handle := infer_module.try_lock(out / infer_module.LOCKS_DIR / f"{lot_id}.lock"))
+        return handle
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in the model")
+
+    monkeypatch.setattr(infer_module, "claim_lot", claim)
+    monkeypatch.setattr(infer_module, "predict_wafers", broken)
+    with pytest.raises(RuntimeError, match="out of memory in the model"):
+        infer(inbox, tmp_path / "out", params, model_uri=checkpoint)
+    assert len(claimed) == 2 and all(handle.closed for handle in claimed), "a lot lock is still held"
+
+
+# --- a writer killed mid-replace ----------------------------------------------------------------------------
+
+
+def test_replacing_a_directory_swaps_it_in_one_step_and_leaves_nothing_aside(tmp_path, monkeypatch):
+    from pipeline import io
+
+    target = tmp_path / "store"
+    target.mkdir()
+    (target / "old").write_text("old")
+    built = io.staging_directory(target)
+    (built / "new").write_text("new")
+    swaps = []
+    exchange = io._exchange
+    monkeypatch.setattr(io, "_exchange", lambda a, b: swaps.append((a, b)) or exchange(a, b))
+    io.replace_directory(built, target)
+    assert swaps == [(built, target)]
+    assert [p.name for p in target.iterdir()] == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_a_store_left_aside_by_a_killed_ingest_is_put_back_before_the_next_ingest(tmp_path, params, monkeypatch):
+    """Without renameat2 the swap is two renames; a kill between them leaves no store, its old copy aside and
+    a staging directory inside data/. The next ingest must restore the store (not write one of only the new
+    entries) and clear the leftovers (or `dvc add data` would version them)."""
+    from pipeline import io, versioning
+    from pipeline.dataset import WaferDataset
+
+    monkeypatch.setattr(versioning, "_version_locked",
+                        lambda data, message, workspace, expect_md5: versioning.DataVersion("stub", None))
+    workspace = tmp_path / "ws"
+    first = tmp_path / "first"
+    write_npy_lots([good_wafer("LOT-1", f"w{i}", seed=i) for i in range(3)], first)
+    versioning.ingest(params, [first / "LOT-1"], workspace=workspace)
+    store = workspace / params.data.store
+    store.rename(store.parent / f"{io.ASIDE_PREFIX}{store.name}-deadbeef")  # what the kill left
+    io.staging_directory(store)  # and a half-built staging directory
+
+    second = tmp_path / "second"
+    write_npy_lots([good_wafer("LOT-2", "w0")], second)
+    result = versioning.ingest(params, [second / "LOT-2"], workspace=workspace)
+
+    assert result.wafers_added == 1 and len(WaferDataset(store)) == 4
+    assert sorted(p.name for p in store.parent.iterdir()) == [store.name]

@@ -89,3 +89,56 @@ def test_a_die_table_with_a_far_die_is_refused_before_its_grid_is_allocated(tmp_
     (rejected,), peak = _read_with_peak(tmp_path / "dies.parquet")
     assert "beyond the limit of 4096 dies per side" in rejected.reason
     assert peak < ALLOCATION_BUDGET
+
+
+def test_large_maps_are_predicted_in_smaller_batches():
+    """A pixel budget per batch: 64 maps of 64 x 64, but only 5 of 224 x 224, and a huge map alone."""
+    from pipeline.predict import bucket_batches
+
+    shapes = [(30, 30)] * 70 + [(200, 200)] * 10 + [(4000, 4000)] * 2
+    batches = bucket_batches(shapes, 64, max_pixels=262_144)
+    sizes = sorted((shapes[b[0]], len(b)) for b in batches)
+    assert sizes == [((30, 30), 6), ((30, 30), 64), ((200, 200), 5), ((200, 200), 5), ((4000, 4000), 1),
+                     ((4000, 4000), 1)]
+    assert sorted(p for b in batches for p in b) == list(range(len(shapes)))
+
+
+def test_a_large_map_is_drawn_no_larger_than_the_image_cap(monkeypatch):
+    from pipeline import report
+    from pipeline.params import ReportParams
+
+    drawn = []
+    monkeypatch.setattr(report, "png_data_uri", lambda rgb: drawn.append(rgb.shape) or "data:")
+    wafer = validate_wafer("L", "w", np.ones((900, 700), np.uint8))
+    report.wafer_image(wafer, np.zeros((900, 700), np.uint8), ReportParams(max_image_px=1200))
+    report.wafer_image(good_wafer("L", "small"), np.zeros((10, 10), np.uint8), ReportParams(max_image_px=1200))
+    assert drawn[0][:2] == (900, 700)  # one pixel a die, no gutter: within the cap
+    assert drawn[1][:2] == (50, 50)  # small maps keep die_px 5
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_die_table_over_the_byte_limit_is_refused_before_it_is_read(tmp_path, monkeypatch, suffix):
+    """A small, highly compressed Parquet file can expand to tens of GB: its footer's uncompressed size (a
+    CSV's length) is checked before anything is read."""
+    wafers = [good_wafer("L", f"w{i}", seed=i, size=40) for i in range(20)]
+    path = tmp_path / f"dies{suffix}"
+    io.write_die_table(wafers, path)
+    monkeypatch.setattr(io, "MAX_TABLE_BYTES", 2000)
+    monkeypatch.setattr(io.pq, "read_table", lambda *a, **k: pytest.fail("the table was read"))
+    monkeypatch.setattr(io.pa_csv, "read_csv", lambda *a, **k: pytest.fail("the table was read"))
+    (rejected,) = io.iter_source(path)
+    assert isinstance(rejected, Rejected) and str(path) in rejected.reason
+    assert "bytes; the limit is 2,000 (io.MAX_TABLE_BYTES)" in rejected.reason
+
+
+def test_a_wafer_table_whose_row_group_is_over_the_byte_limit_is_refused_before_a_map_is_read(tmp_path, monkeypatch):
+    from pipeline import wafer_table
+
+    path = tmp_path / "wafers.parquet"
+    wafer_table.write_wafer_table([good_wafer("L", f"w{i}", seed=i, size=40) for i in range(20)], path)
+    monkeypatch.setattr(io, "MAX_TABLE_BYTES", 2000)
+    monkeypatch.setattr(wafer_table.pq.ParquetFile, "iter_batches", lambda *a, **k: pytest.fail("a map was read"))
+    (rejected,) = io.iter_source(path)
+    assert isinstance(rejected, Rejected) and str(path) in rejected.reason
+    assert "a row group of the wafer table (uncompressed) holds" in rejected.reason
+    assert "the limit is 2,000 (io.MAX_TABLE_BYTES)" in rejected.reason

@@ -1,0 +1,76 @@
+"""SIGKILL of the nightly flow at each of its steps, then a rerun: nothing lost, everything versioned once.
+
+The child runs the real flow against the session's Prefect API and kills itself (SIGKILL: no cleanup, no
+`finally`) the moment it reaches the step; the rerun is an ordinary nightly run in the same workspace."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import report
+from pipeline.dataset import WaferDataset
+from pipeline.io import write_npy_lots
+from pipeline.params import load_params
+from tests.dvc_repo import dvc, git
+from tests.nightly_workspace import SEED_LOTS, nightly_workspace, synthetic_wafers
+
+from .workloads import PROJECT
+
+KILLED_NIGHTLY = """
+import importlib, os, signal, sys
+from pathlib import Path
+module, name, calls_before = importlib.import_module(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+real, calls = getattr(module, sys.argv[3]), []
+
+def killed_at_this_step(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > calls_before:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+setattr(module, name, killed_at_this_step)
+from flows.nightly import nightly
+os.chdir(sys.argv[1])
+nightly(Path("params.yaml"))
+"""
+
+STEPS = {  # the step: (module, function, calls that go through before the kill)
+    "ingest, store written, entries not yet moved": ("pipeline.versioning", "_move_ingested", 0),
+    "synthetic set half written": ("pipeline.dataset", "write_dataset", 0),
+    "training, at the first checkpoint": ("pipeline.train", "save_checkpoint", 0),
+    "inference, one lot reported": ("pipeline.report", "write_lot_report", 1),
+}
+LABELLED_WAFERS = 6
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_a_nightly_killed_at_a_step_then_rerun_loses_nothing_and_versions_once(tmp_path, prefect_api, monkeypatch,
+                                                                                step):
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.nightly import nightly
+
+    root = nightly_workspace(tmp_path / "ws")
+    write_npy_lots(synthetic_wafers(12, n=LABELLED_WAFERS, prefix="LAB"), root / "inbox" / "labelled" / "batch1")
+    module, function, calls_before = STEPS[step]
+    child = subprocess.run([sys.executable, "-c", KILLED_NIGHTLY, str(root), module, function, str(calls_before)],
+                           cwd=PROJECT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
+    assert child.returncode == -9, f"the child was not killed at {step}:\n{child.stderr[-3000:]}"
+
+    monkeypatch.chdir(root)
+    result = nightly(root / "params.yaml")
+
+    params = load_params(root / "params.yaml")
+    assert result["champion_version"] is not None
+    assert all(report.read_manifest(params.infer.out / lot) for lot in SEED_LOTS), "a lot was not reported"
+    assert len(WaferDataset(root / params.data.store)) == LABELLED_WAFERS, "labelled wafers lost or doubled"
+    assert not (root / "inbox" / "labelled" / "batch1").exists()
+    assert not (root / params.data.quarantine).exists() or not any((root / params.data.quarantine).iterdir())
+    log = git(root, "log", "--format=%s", "--", "data.dvc")
+    assert log.count(f"ingest {LABELLED_WAFERS} labelled wafers") == 1, log
+    assert dvc(root, "status", "-c", "-q", "data.dvc").strip() == "", "the data version was not pushed"
