@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # This machine's pip config lists local indexes; it warns once per package for the ones it skips.
 QUIET_PIP := { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 
-.PHONY: run train-full test bench install install-dev workspace browser clean
+.PHONY: run train-full test test-quick bench install install-dev workspace browser clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ train-full: install
 
 test: install-dev browser
 	$(BIN)/python -m pytest
+
+# The tests not marked slow (no training, no DVC/git/Prefect, no child processes): about a minute, for local loops.
+test-quick: install-dev
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # Every benchmark table the README quotes (about 2 h on 2 cores; each script also runs alone, see its docstring).
 # real_data and scale use the model `make run` trained.

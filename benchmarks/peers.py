@@ -9,7 +9,7 @@ optimizer, schedule, augmentation and class-weighted cross-entropy over on-wafer
 (pipeline.model.encode_maps, 3 channels), keeps its best-val-mIoU epoch (no early stop), and is scored by
 pipeline.evaluate on the same test split. Peers: FCN-16s and FCN-32s (pipeline.model), a small U-Net
 (below), torchvision's fcn_resnet50 and deeplabv3_mobilenet_v3_large (no pretrained weights), and the
-rule-based pipeline.classical. A paired bootstrap over test wafers gives the uncertainty of each peer's
+rule-based benchmarks/classical.py. A paired bootstrap over test wafers gives the uncertainty of each peer's
 mIoU difference to FCN-8s. Results are rewritten after every model (benchmarks/results/peers.json, .md);
 --resume skips models already there for the same settings.
 """
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large, fcn_resnet50
 
-from pipeline import classical, synth
+import classical  # benchmarks/classical.py: a script's own folder is sys.path[0]
+from pipeline import synth
 from pipeline.dataset import WaferDataset, write_dataset
 from pipeline.evaluate import evaluate_predictions
 from pipeline.model import MAP_CHANNELS
@@ -163,7 +164,7 @@ def score(name: str, wafers: Sequence[Wafer], predictions: list[np.ndarray]) -> 
 def run_classical(test: Sequence[Wafer], repeats: int) -> tuple[dict, np.ndarray]:
     predictions, rate = timed_predictions(lambda ws: [classical.segment(w.map) for w in ws], test, repeats)
     record, per_wafer = score("classical", test, predictions)
-    record.update(kind="rule-based (pipeline.classical, default Rules)", parameters=0, infer_wafers_per_s=rate,
+    record.update(kind="rule-based (benchmarks/classical.py, default Rules)", parameters=0, infer_wafers_per_s=rate,
                   train_seconds=0.0, fit_wall_seconds=0.0, best_epoch=None, val_miou_history=[])
     return record, per_wafer
 

@@ -24,7 +24,8 @@ from pipeline import real_eval
 from pipeline.dataset import WaferDataset
 from pipeline.evaluate import evaluate_model, evaluate_real
 from pipeline.params import Params, load_params, resolve_profile
-from pipeline.train import fit, load_real
+from pipeline.realdata import load_real_sets
+from pipeline.train import fit
 
 RESULTS = Path(__file__).parent / "results" / "real-training"
 
@@ -58,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     overrides = json.loads(args.overrides)
     params = with_overrides(resolve_profile(load_params(), args.profile), overrides)
-    real = load_real(params)
+    real = load_real_sets(params.real)
     started = time.perf_counter()
     result = fit(params, WaferDataset(params.dataset.dir),
                  real={name: {"train": s["train"], "val": s["val"]} for name, s in real.items()})

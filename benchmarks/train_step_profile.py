@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline import train
+from pipeline import realdata, train
 from pipeline.dataset import WaferDataset
 from pipeline.model import build_model
 from pipeline.params import load_params, resolve_profile
@@ -64,7 +64,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     params = resolve_profile(load_params(), "cpu")
     dataset = WaferDataset(params.dataset.dir)
-    real = train.load_real(params)
+    real = realdata.load_real_sets(params.real)
     synthetic = [train.dataset_example(w) for w in dataset.wafers("train")]
     real_examples = {name: {"train": [train.real_example(w) for w in s["train"]]} for name, s in real.items()}
     examples = train.epoch_examples(params, synthetic, real_examples, np.random.default_rng(0))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.io import recover_directory, replace_directory, staging_directory
+from pipeline.atomic import recover_directory, replace_directory, staging_directory
 from pipeline.params import DatasetParams, SplitParams
 from pipeline.wafer import CLASS_NAMES, Wafer, WaferError, validate_wafer, wafer_summary
 

@@ -19,9 +19,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import labels, real_eval, viz  # noqa: E402
+from pipeline import io, labels, real_eval, viz  # noqa: E402
+from pipeline.dataset import WaferDataset  # noqa: E402
+from pipeline.device import select_device, use_amp  # noqa: E402
 from pipeline.patterns import wafer_patterns  # noqa: E402
 from pipeline.predict import predict_wafers  # noqa: E402
+from pipeline.realdata import load_real_sets  # noqa: E402
 from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, NUM_CLASSES, OFF_WAFER, Wafer, WaferError, class_die_counts  # noqa: E402,F401
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -214,9 +217,7 @@ def evaluate_split(model, wafers: Sequence[Wafer], out_dir: Path, name: str, bat
 def evaluate_real_on(model_uri: str, params, split: str, out_dir: Path, sources: Sequence[Path] | None = None) -> str:
     """The `evaluate_real` stage: a model's wafer-level scores on one split of the shipped real sets (or on
     every wafer of labelled `sources`), written as metrics.json, real_scores.md and plots; returns the tables."""
-    from pipeline import io
-    from pipeline.registry import load_model
-    from pipeline.train import load_real, select_device, use_amp
+    from pipeline.registry import load_model  # MLflow: imported by the stages that load a registered model
 
     device = select_device(params.train.device)
     model, version = load_model(model_uri, params.registry, device)
@@ -232,7 +233,7 @@ def evaluate_real_on(model_uri: str, params, split: str, out_dir: Path, sources:
         real = {"wm811k": wafers, "mixedwm38": wafers} if single else {"mixedwm38": wafers}
         split = "source"
     else:
-        real = {name: splits[split] for name, splits in load_real(params).items()}
+        real = {name: splits[split] for name, splits in load_real_sets(params.real).items()}
     scores = {split: evaluate_real(model, real, params, device, use_amp(params.train, device))}
     out_dir = Path(out_dir)
     real_eval.write_real_reports(scores, out_dir)
@@ -243,9 +244,7 @@ def evaluate_real_on(model_uri: str, params, split: str, out_dir: Path, sources:
 
 def evaluate_model_on(model_uri: str, dataset_dir: Path, split: str, out_dir: Path, params) -> dict:
     """The `evaluate` stage: a registered or checkpointed model on one split of a dataset, with plots."""
-    from pipeline.dataset import WaferDataset
     from pipeline.registry import load_model
-    from pipeline.train import select_device, use_amp
 
     device = select_device(params.train.device)
     model, version = load_model(model_uri, params.registry, device)

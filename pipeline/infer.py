@@ -7,7 +7,6 @@ batches that span many lots (bucketed by padded size), and a writer thread rende
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import shutil
 import tempfile
@@ -25,12 +24,13 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import report
+from pipeline.atomic import atomic_file
 from pipeline.io import Rejected, iter_source, read_wafers, write_npy_lots
 from pipeline.locks import hold_lock, release, try_lock
 from pipeline.params import Params
 from pipeline.predict import predict_wafers
+from pipeline.device import select_device
 from pipeline.registry import load_model
-from pipeline.train import select_device
 from pipeline.wafer import CLASS_NAMES, RUN_QUARANTINE_FILE, Wafer, WaferError, check_id
 
 log = logging.getLogger(__name__)
@@ -179,9 +179,8 @@ def _write_unassigned(out: Path, rejected: list[Rejected]) -> None:
         rows = pd.DataFrame([r.__dict__ for r in rejected], columns=report.QUARANTINE_COLUMNS, dtype=object)
         new = report.spreadsheet_safe(rows.fillna("").astype(str))
         frame = new if kept is None else pd.concat([kept, new], ignore_index=True).drop_duplicates()
-        staging = out / f".{UNASSIGNED_QUARANTINE}.{os.getpid()}.tmp"
-        frame.to_csv(staging, index=False)
-        staging.replace(target)
+        with atomic_file(target) as staging:
+            frame.to_csv(staging, index=False)
 
 
 def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: str | None = None, force: bool = False,

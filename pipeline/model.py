@@ -10,9 +10,7 @@ and no pretrained weights are ever downloaded (wafer maps are not ImageNet image
 from __future__ import annotations
 
 import logging
-import pickle
-from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -90,8 +88,7 @@ class Fc6(nn.Conv2d):
     zero padding is applied to the input, not asked of the conv: for a padded 7x7 kernel larger
     than its 512-channel input oneDNN's AVX2 build has no fast backward-weights kernel and falls back
     to its reference one (16-78 s a step at width 1; benchmarks/bf16_training.md). Outputs and
-    gradients are those of the plain conv. (It was suspected of the bf16 crash; on an AMX host the
-    crash proved to be score_fr's, see FCN.)
+    gradients are those of the plain conv.
     """
 
     def __init__(self, in_channels: int, out_channels: int):
@@ -113,11 +110,9 @@ class FCN(nn.Module):
     The score/upsampling head (every layer with 5 output channels) always runs in fp32, also inside
     a bf16 autocast region: oneDNN's AMX bf16 backward-weights kernel overruns the heap for a conv
     with bias, fewer than 16 output channels and more than 2048 inputs (score_fr at width 1 aborted
-    training with `free(): invalid next size`; benchmarks/bf16_training.md). The head is under 0.1%
-    of the FLOPs.
+    training with `free(): invalid next size`; benchmarks/bf16_training.md, reproducer
+    benchmarks/onednn_bf16_crash.py). The head is under 0.1% of the FLOPs.
     """
-
-    fp32_head = True  # False only to reproduce the crash (benchmarks/bf16_repro.py --bf16-head)
 
     def __init__(self, arch: Arch = "fcn8s", width: float = 1.0, dropout: float = 0.5,
                  presence_sharpness: float = 4.0, batch_norm: bool = False, global_context: bool = False):
@@ -174,7 +169,7 @@ class FCN(nn.Module):
         pool3 = self.to_pool3(pad_to_stride(x))
         pool4 = self.to_pool4(pool3)
         fc7 = self.fc(self.to_pool5(pool4))
-        if self.fp32_head and torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type):
             with torch.autocast(x.device.type, enabled=False):
                 return self.head(fc7.float(), pool4.float(), pool3.float())[..., :height, :width]
         return self.head(fc7, pool4, pool3)[..., :height, :width]
@@ -245,7 +240,8 @@ def bf16_allowed(device: torch.device | str, training: bool) -> bool:
     keeps its 5-channel head in fp32: oneDNN's AMX bf16 backward-weights of a conv with bias, fewer
     than 16 output channels and more than 2048 inputs overruns the heap (score_fr at width 1 aborted training with
     `free(): invalid next size`); with the head in fp32, 120 bf16 training steps at widths 1 and 0.25,
-    batches 8-32, maps 32..224, ran clean. Not measured on AVX512-BF16 without AMX: fp32 there.
+    batches 8-32, maps 32..224, ran clean. On AVX512-BF16 without AMX bf16 training is no faster than fp32
+    with a fused AdamW: fp32 there.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -260,12 +256,3 @@ def autocast_context(device: torch.device | str, training: bool, enabled: bool =
     device = torch.device(device)
     use_bf16 = enabled and bf16_allowed(device, training)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
-def load_checkpoint_file(source: Path | BinaryIO, name: object) -> dict:
-    """A checkpoint's tensors and plain values. Anything else in its pickle (a class, a function: code that
-    would run on load) is refused unrun by torch's weights-only unpickler; `name` is the file in the message."""
-    try:
-        return torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"{name}: refused: a checkpoint may hold only tensors and plain values ({error})") from None

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = ["wafer_id", "split"]
+RealWafers = dict[str, dict[str, list[Wafer]]]  # real set name -> split -> wafers
 
 
 def split_of_map(rows: int, cols: int, map_bytes: bytes, split: SplitParams) -> str:
@@ -97,3 +98,8 @@ def epoch_sample(wafers: list[Wafer], real_set: RealSetParams, rng: np.random.Ge
         if take < real_set.min_per_label:
             picked.append(rng.choice(positions, real_set.min_per_label - take, replace=True))
     return np.concatenate(picked).tolist() if picked else []
+
+
+def load_real_sets(params: RealParams) -> RealWafers:
+    """Every real set's train, val and test wafers (their recorded splits)."""
+    return {name: load_real_set(params, name) for name in params.sets}

@@ -23,8 +23,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from pipeline.model import build_model, encode_maps, load_checkpoint_file
-from pipeline.params import ModelParams, RegistryParams
+from pipeline import checkpoint
+from pipeline.model import encode_maps
+from pipeline.params import RegistryParams
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -262,7 +263,7 @@ def load_model(uri: str, params: RegistryParams, device: torch.device) -> tuple[
     path = Path(uri)
     if path.is_file():
         data = path.read_bytes()  # read once: hashed for the version label, then loaded
-        return _model_from_checkpoint(load_checkpoint_file(io.BytesIO(data), path), device), \
+        return checkpoint.model_from(checkpoint.read(io.BytesIO(data), path), device), \
             f"checkpoint:{path.name}:{hashlib.sha256(data).hexdigest()[:12]}"
     _set_tracking_uri(tracking_uri(params))
     label = resolve_version(uri)
@@ -273,7 +274,7 @@ def load_model(uri: str, params: RegistryParams, device: torch.device) -> tuple[
         if weights is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=weights, dst_path=tmp))
-                return _model_from_checkpoint(load_checkpoint_file(local, f"{uri} ({weights})"), device), label
+                return checkpoint.model_from(checkpoint.read(local, f"{uri} ({weights})"), device), label
     if not params.allow_pickled_models:
         raise ValueError(f"{uri}: no single weights-only checkpoint under {WEIGHTS_DIR}/ to load; MLflow's pickled "
                          "model would run code from the registry. Set registry.allow_pickled_models: true in "
@@ -284,26 +285,13 @@ def load_model(uri: str, params: RegistryParams, device: torch.device) -> tuple[
 
 
 def log_weights(checkpoint: Path) -> None:
-    """Log a weights-only checkpoint (train.save_model's file) to the active run, for load_model."""
+    """Log a weights-only checkpoint (checkpoint.save_model's file) to the active run, for load_model."""
     mlflow.log_artifact(str(checkpoint), WEIGHTS_DIR)
 
 
 def _weights_artifact(run_id: str) -> str | None:
     files = [a.path for a in MlflowClient().list_artifacts(run_id, WEIGHTS_DIR) if a.path.endswith(".pt")]
     return files[0] if len(files) == 1 else None
-
-
-# What a checkpoint written before these model keys existed was built with.
-LEGACY_MODEL_KEYS = {"batch_norm": False, "global_context": False}
-
-
-def _model_from_checkpoint(checkpoint: dict, device: torch.device) -> torch.nn.Module:
-    model = build_model(ModelParams(**{**LEGACY_MODEL_KEYS, **checkpoint["params"]["model"]}))
-    weights = dict(checkpoint["state"].get("best_weights") or checkpoint["model"])
-    # a model from before the calibrated decision: every offset 0, the uncalibrated rule
-    weights.setdefault("pattern_offsets", torch.zeros_like(model.pattern_offsets))
-    model.load_state_dict(weights)
-    return model.to(device).eval()
 
 
 def resolve_version(uri: str) -> str:

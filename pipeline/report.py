@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,7 +38,8 @@ import pandas as pd  # noqa: E402
 from skimage.measure import label, regionprops  # noqa: E402
 
 from pipeline import viz  # noqa: E402
-from pipeline.io import Rejected, recover_directory, replace_directory, staging_directory  # noqa: E402
+from pipeline.atomic import atomic_file, recover_directory, replace_directory, staging_directory  # noqa: E402
+from pipeline.io import Rejected  # noqa: E402
 from pipeline.params import InferParams, ReportParams  # noqa: E402
 from pipeline.patterns import wafer_patterns  # noqa: E402
 from pipeline.wafer import (CLASS_NAMES, DEFECT_CLASSES, DIE_COLUMNS, INDEX_FILE, OFF_WAFER, Wafer, check_id,  # noqa: E402
@@ -437,15 +437,13 @@ def write_manifest(directory: Path, lot_id: str, model_version: str, generated_a
     files = {p.relative_to(directory).as_posix(): _file_record(p) for p in sorted(directory.rglob("*")) if p.is_file()}
     manifest = {"schema": MANIFEST_SCHEMA, "lot_id": lot_id, "model_version": model_version,
                 "generated_at": generated_at, "counts": counts.as_dict(), "inputs_sha256": inputs, "files": files}
-    path = directory / MANIFEST_FILE
-    with open(path, "w", encoding="utf-8") as handle:
+    with atomic_file(directory / MANIFEST_FILE, durable=True) as staging, \
+            open(staging, "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def remove_stale_builds(out_root: Path, lot_id: str) -> None:
-    """Undo what a killed writer left of the lot's report (io.recover_directory); call while holding the lot."""
+    """Undo what a killed writer left of the lot's report (atomic.recover_directory); call while holding the lot."""
     recover_directory(Path(out_root) / lot_id)
 
 
@@ -556,14 +554,7 @@ def write_index(out_root: Path) -> Path:
             + html_table(table, ["lot_id", "model_version", "generated_at"],
                          links={"lot_id": "{value}/" + REPORT_FILE}))
     target = out_root / INDEX_FILE
-    handle, temp_name = tempfile.mkstemp(prefix=".tmp-index-", suffix=".html", dir=out_root)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(html_page("waferseg lot reports", body))
-        os.chmod(temp_name, FILE_MODE)
-        os.replace(temp_name, target)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_file(target, mode=FILE_MODE) as staging:
+        staging.write_text(html_page("waferseg lot reports", body), encoding="utf-8")
     log.info("index of %d lots -> %s", len(table), target)
     return target

@@ -6,12 +6,9 @@ The loop reports each epoch through a callback; `pipeline.registry` turns those 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,12 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from pipeline import distributed, real_eval, realdata
+from pipeline import checkpoint, distributed, real_eval, realdata
 from pipeline.dataset import INDEX_FILE as DATASET_INDEX
 from pipeline.dataset import WaferDataset
+from pipeline.device import select_device, use_amp
 from pipeline.evaluate import evaluate_model, evaluate_real, evaluate_split, headline_metrics
 from pipeline.labels import label_classes
-from pipeline.model import autocast_context, build_model, load_checkpoint_file, presence_logits
+from pipeline.model import autocast_context, build_model, presence_logits
 from pipeline.params import Params, TrainParams
 from pipeline.patterns import Evidence, calibrate_offsets
 from pipeline.predict import IGNORE_INDEX, bucket_batches, evidence_of, model_input, stack_padded
@@ -37,23 +35,8 @@ from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, DIE_COLUMNS, FAIL, NUM_C
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "last.pt"
 EpochCallback = Callable[[int, dict[str, float]], None]
 RealWafersOf = dict[str, list[Wafer]]  # real set name -> wafers of one split
-RealWafers = dict[str, dict[str, list[Wafer]]]  # real set name -> split -> wafers
-
-
-def select_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def use_amp(params: TrainParams, device: torch.device) -> bool:
-    """'auto' means bf16 autocast on CUDA only; see model.autocast_context for why CPU training stays fp32."""
-    return params.amp == "bf16" or (params.amp == "auto" and device.type == "cuda")
 
 
 def class_weights(dataset: WaferDataset, params: TrainParams) -> torch.Tensor:
@@ -171,58 +154,6 @@ def real_example(wafer: Wafer) -> Example:
     return Example(wafer, None, present, np.concatenate([[1.0], present]).astype(np.float32))
 
 
-def _save_atomically(payload: dict, path: Path) -> Path:
-    """Write to a staging file of its own (two trainings may share a directory), flush it to disk, then
-    rename it over `path`: a crash mid-save keeps the previous file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-    return path
-
-
-# Settings that do not change what a resumed run computes: where files go, which device runs it.
-RESUME_INDEPENDENT_TRAIN_KEYS = ("device", "checkpoint_dir", "model_out", "reports_dir")
-
-
-def resume_key(params: Params, dataset: WaferDataset) -> dict:
-    """What a checkpoint must have been trained with for --resume to continue it: the seed, the model, the
-    training settings, the real sets and the training dataset's index (its content)."""
-    train = params.train.model_dump(mode="json", exclude=set(RESUME_INDEPENDENT_TRAIN_KEYS))
-    index = hashlib.sha256((dataset.root / DATASET_INDEX).read_bytes()).hexdigest()
-    return {"seed": params.seed, "model": params.model.model_dump(mode="json"), "train": train,
-            "real": params.real.model_dump(mode="json"), "dataset_index_sha256": index}
-
-
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: TrainState, params: Params,
-                    key: dict | None = None) -> None:
-    _save_atomically({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                      "scheduler": scheduler.state_dict(), "state": state.__dict__,
-                      "params": params.model_dump(mode="json"), "resume_key": key}, path)
-
-
-def load_checkpoint(path: Path, model, optimizer, scheduler, key: dict | None = None) -> TrainState:
-    """Restore a training checkpoint; with `key` (resume_key of this run), refuse one trained otherwise."""
-    checkpoint = load_checkpoint_file(path, path)
-    if key is not None and checkpoint.get("resume_key") != key:
-        theirs = checkpoint.get("resume_key") or {}
-        differ = sorted(k for k in key if theirs.get(k) != key[k]) or ["(no record)"]
-        raise ValueError(f"{path}: cannot resume: the checkpoint was trained with other {', '.join(differ)}; "
-                         "train without --resume to start over, or restore the settings and data it was made with")
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    return TrainState(**checkpoint["state"])
-
-
 def _progress() -> Progress:
     return Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}  val score {task.fields[score]:.4f}"),
@@ -269,7 +200,7 @@ def fit(
     on_epoch: EpochCallback | None = None,
     on_start: Callable[[TrainState], None] | None = None,
     model: torch.nn.Module | None = None,
-    real: RealWafers | None = None,
+    real: realdata.RealWafers | None = None,
 ) -> TrainResult:
     """Train params.model (or `model`, built or warm-started by the caller) on the dataset's train split and
     the real train splits in `real`, selecting the epoch with the best val score (selection_score); then
@@ -296,14 +227,14 @@ def fit(
     optimizer = make_optimizer(model, tp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: poly_lr(step, total_steps, tp.poly_power))
     weights = class_weights(dataset, tp).to(device)
-    checkpoint = tp.checkpoint_dir / CHECKPOINT
-    key = resume_key(params, dataset)  # the same for every checkpoint of this run
+    last = tp.checkpoint_dir / checkpoint.LAST
+    key = checkpoint.resume_key(params, dataset.root / DATASET_INDEX)  # the same for every checkpoint of this run
     state = TrainState()
-    if resume and checkpoint.is_file():
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, key)
-        log.info("resumed from %s after epoch %d", checkpoint, state.epoch)
+    if resume and last.is_file():
+        state = TrainState(**checkpoint.restore_training(last, model, optimizer, scheduler, key))
+        log.info("resumed from %s after epoch %d", last, state.epoch)
     elif resume:
-        log.warning("--resume: no checkpoint at %s, starting from scratch", checkpoint)
+        log.warning("--resume: no checkpoint at %s, starting from scratch", last)
     network = distributed.wrap(model, group, device)  # the module that trains; `model` holds its weights
     if on_start and group.is_main:
         on_start(state)
@@ -359,7 +290,7 @@ def fit(
                 state.epochs_since_best += 1
             progress.update(task, score=record["val_score"])
             if group.is_main:
-                save_checkpoint(checkpoint, model, optimizer, scheduler, state, params, key)
+                checkpoint.save_checkpoint(last, model, optimizer, scheduler, state, params, key)
             if on_epoch and group.is_main:
                 on_epoch(epoch, record)
             log.info("epoch %d: loss %.4f, val score %.4f (best %.4f @ %d)", epoch, record["train_loss"],
@@ -424,12 +355,6 @@ def calibrate(model, real_val: RealWafersOf, params: Params, device: torch.devic
             **{f"offset_{CLASS_NAMES[c]}": float(o) for c, o in zip(DEFECT_CLASSES, offsets)}}
 
 
-def save_model(path: Path, model: torch.nn.Module, params: Params) -> Path:
-    """The selected weights alone, in the checkpoint layout `registry.load_model` reads (no optimizer)."""
-    return _save_atomically({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                             "state": {}, "params": params.model_dump(mode="json")}, path)
-
-
 def write_history(history: list[dict[str, float]], path: Path) -> Path:
     """One row per epoch (x: epoch) for DVC plots and people."""
     import pandas as pd
@@ -448,11 +373,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def load_real(params: Params) -> RealWafers:
-    """Every real set's train, val and test wafers (their recorded splits)."""
-    return {name: realdata.load_real_set(params.real, name) for name in params.real.sets}
 
 
 def warm_start_model(params: Params, device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
@@ -486,7 +406,7 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
     from pipeline.versioning import dvc_md5, training_set_version
 
     dataset = WaferDataset(dataset_dir)
-    real = load_real(params)
+    real = realdata.load_real_sets(params.real)
     fit_real = {name: {"train": splits["train"], "val": splits["val"]} for name, splits in real.items()}
     if not distributed.from_env().is_main:  # other torchrun ranks train alongside rank 0, which alone records
         fit(params, dataset, resume=resume, real=fit_real)
@@ -529,7 +449,7 @@ def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, 
         prefixes = {"val": "calibrated_val", "test": "test"}
         real_metrics = {k: v for split, by_set in real_scores.items() for name, scores in by_set.items()
                         for k, v in real_eval.flat_metrics(scores, f"{prefixes[split]}_{name}").items()}
-        save_model(tp.model_out, model, params)
+        checkpoint.save_model(tp.model_out, model, params)
         write_history(result.state.history, out_dir / "history.csv")
         (out_dir / "metrics.json").write_text(json.dumps(
             {"test": headline_metrics(metrics), "best_epoch": result.state.best_epoch,

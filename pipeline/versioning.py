@@ -22,8 +22,9 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.atomic import atomic_file, recover_directory
 from pipeline.dataset import INDEX_FILE, WaferDataset, write_dataset
-from pipeline.io import Rejected, _atomic_target, iter_source, recover_directory
+from pipeline.io import Rejected, iter_source
 from pipeline.locks import LockHeld, hold_lock
 from pipeline.params import DataParams, Params, RealParams
 from pipeline.wafer import Wafer, WaferError
@@ -285,10 +286,8 @@ def ingest(params: Params, sources: list[Path] | None = None, workspace: Path = 
 
 def _write_pending(workspace: Path, message: str, merged: list[str]) -> None:
     """Record, durably, the version an ingest is about to make and the entries it merges."""
-    with _atomic_target(workspace / PENDING_FILE) as staging, open(staging, "w", encoding="utf-8") as handle:
+    with atomic_file(workspace / PENDING_FILE, durable=True) as staging, open(staging, "w", encoding="utf-8") as handle:
         json.dump({"message": message, "merged": merged}, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _finish_pending(data: DataParams, workspace: Path, lot_wafers: int) -> tuple[DataVersion | None, list[str]]:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from skimage import draw
 
-from pipeline import classical, synth
+from benchmarks import classical  # the repo root is on sys.path under `python -m pytest`
+from pipeline import synth
 from pipeline.evaluate import evaluate_predictions
 from pipeline.params import SynthParams
 from pipeline.wafer import CLASS_NAMES, FAIL, OFF_WAFER, PASS

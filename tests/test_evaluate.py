@@ -128,6 +128,7 @@ def test_evaluate_predictions_matches_the_hand_case():
         evaluate_predictions([validate_wafer("LOT1", "03", WAFER_MAP)], [PREDICTION])
 
 
+@pytest.mark.slow
 def test_plots_write_png_files(tmp_path):
     confusion_png = plot_confusion(EXPECTED_MATRIX, tmp_path / "plots" / "confusion.png")
     wafers = [validate_wafer("LOT1", "01", WAFER_MAP, TRUTH), validate_wafer("LOT1", "02", WAFER_MAP)]

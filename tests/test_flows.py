@@ -12,6 +12,8 @@ import yaml
 from pipeline import io
 from tests.nightly_workspace import SEED_LOTS, nightly_workspace, synthetic_wafers as _wafers
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # Prefect flows end to end, with training
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):

@@ -15,7 +15,8 @@ from pipeline import infer as infer_module
 from pipeline.infer import infer
 from pipeline.model import build_model
 from pipeline.params import Params, parse_params
-from pipeline.train import TrainState, save_checkpoint
+from pipeline.checkpoint import save_checkpoint
+from pipeline.train import TrainState
 from pipeline.wafer import validate_wafer
 
 WM811K = Path(__file__).resolve().parents[1] / "real_data" / "wm811k"
@@ -67,6 +68,7 @@ def test_lot_directory_and_tree_of_lots(setup, tmp_path):
     assert (tmp_path / "all" / "index.html").read_text().count("report.html") >= 4
 
 
+@pytest.mark.slow
 def test_die_tables_and_wm811k_files(setup, tmp_path):
     root, params, model, wafers = setup
     for name in ("dies.parquet", "dies.csv"):

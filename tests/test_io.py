@@ -21,8 +21,8 @@ import pytest
 from pandas.core.indexes.base import _new_Index
 from pandas.core.internals import BlockManager
 
-from pipeline import io, wafer_table
-from pipeline.io import Rejected
+from pipeline import io
+from pipeline.io import Rejected, wafer_table
 from pipeline.wafer import Wafer, WaferError, validate_wafer
 
 DATA = Path(__file__).resolve().parents[1] / "real_data" / "wm811k"
@@ -98,6 +98,7 @@ def test_sub100_csv_reads_every_wafer_with_its_label_and_shape():
 
 
 @needs_data
+@pytest.mark.slow
 def test_unlabeled_parquet_reads_every_wafer_and_die():
     # ~0.4 s here for 1,851,206 dies: Arrow columns, one argsort, a scatter per wafer.
     wafers = io.read_wafers(UNLABELED)
@@ -171,6 +172,7 @@ def test_die_table_accepts_integer_ids_and_sorts_wafers(tmp_path):
     assert [(w.lot_id, w.wafer_id) for w in wafers] == [("20", "1"), ("3", "1"), ("3", "2")]
 
 
+@pytest.mark.slow
 def test_die_table_of_a_million_dies_is_read(tmp_path):
     # 400 wafers x 2,500 dies; the reader never loops per die (about 0.3 s to read here).
     grids = np.random.default_rng(0).choice(np.array([1, 2], dtype=np.uint8), size=(400, 50, 50), p=[0.9, 0.1])

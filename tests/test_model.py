@@ -123,6 +123,7 @@ def test_zero_initialised_skips_add_exactly_nothing_at_init(models: dict[str, FC
     assert torch.equal(logits, without_skips)
 
 
+@pytest.mark.slow
 def test_skips_learn_from_the_first_step_despite_zero_init() -> None:
     torch.manual_seed(0)
     model = FCN("fcn8s", SMALL).train()

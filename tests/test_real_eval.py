@@ -158,6 +158,7 @@ def test_tables_list_every_label_and_summary():
 
 
 @pytest.mark.parametrize("confused", [True, False])
+@pytest.mark.slow
 def test_plots_write_png(tmp_path, confused):
     confusion = real_eval.plot_wm811k_confusion(wm811k(), tmp_path / "a" / "wm811k.png", "fixture")
     scores = mixed() if confused else real_eval.mixed_scores(["Center"], ["circle"])

@@ -13,6 +13,8 @@ from pipeline.params import RealParams, RealSetParams, SplitParams
 from pipeline.wafer import validate_wafer
 from tests.real_fixture import tiny_real
 
+pytestmark = pytest.mark.slow  # reads the whole shipped real sets
+
 SHIPPED = RealParams()
 
 

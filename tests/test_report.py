@@ -249,7 +249,7 @@ def test_index_lists_every_complete_lot(lot_dir: Path):
     assert 'href="LOT-A/report.html"' in page and 'href="LOT%20B%232/report.html"' in page
     assert "LOT-HALF" not in page and "LOT-C" not in page
     assert "<script src" not in page and "<link" not in page
-    assert not list(out_root.glob(".tmp-index-*"))
+    assert not list(out_root.glob(".index.html.*"))
 
 
 def _colour_pixels(image: np.ndarray, hex_colour: str) -> int:

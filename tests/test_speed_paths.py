@@ -13,6 +13,8 @@ from pipeline.predict import IGNORE_INDEX, predict_wafers
 from pipeline.synth import generate
 from pipeline.wafer import OFF_WAFER
 
+pytestmark = pytest.mark.slow  # training steps on every fast path
+
 WIDTH = 0.125
 AGREEMENT_FLOOR = 0.999
 amx = pytest.mark.skipif(not cpu_has_amx(), reason="no AMX on this CPU: CPU training stays fp32")
@@ -93,7 +95,8 @@ def test_bf16_training_on_amx_follows_fp32(model, wafers) -> None:
 
 def test_the_score_head_runs_in_fp32_under_bf16_autocast(model) -> None:
     """oneDNN's AMX bf16 backward-weights overruns the heap for a conv with bias, < 16 output channels and
-    > 2048 input channels (benchmarks/bf16_training.md): the whole 5-class head must see fp32."""
+    > 2048 input channels (benchmarks/bf16_training.md; benchmarks/onednn_bf16_crash.py reproduces it): the whole
+    5-class head must see fp32."""
     seen: dict[str, tuple[torch.dtype, torch.dtype]] = {}
     hooks = [module.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, (args[0].dtype, out.dtype)))
              for name, module in model.named_modules() if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]

@@ -256,6 +256,7 @@ def real_maps(n_lots: int) -> list[np.ndarray]:
     return maps
 
 
+@pytest.mark.slow
 def test_compare_real_against_synthetic_wafers_and_maps(tmp_path: Path, default_wafers: list[Wafer]) -> None:
     other = [w.map for w in generate(SynthParams(), 12, 100)]
     table = compare_real(other, default_wafers[:200])
@@ -266,6 +267,7 @@ def test_compare_real_against_synthetic_wafers_and_maps(tmp_path: Path, default_
 
 
 @pytest.mark.skipif(not REAL_DIE_TABLE.exists(), reason="real WM-811K die table not present")
+@pytest.mark.slow
 def test_compare_real_on_a_small_real_sample(tmp_path: Path, default_wafers: list[Wafer]) -> None:
     real = real_maps(40)
     table = compare_real(real, default_wafers)
@@ -274,6 +276,7 @@ def test_compare_real_on_a_small_real_sample(tmp_path: Path, default_wafers: lis
     assert plot_comparison(real, default_wafers, tmp_path / "real.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_plot_copes_with_a_statistic_holding_one_value(tmp_path: Path) -> None:
     wafers = list(generate(SynthParams(), 1, 30, shape=(32, 32)))
     check_comparison(compare_real(wafers[:15], wafers[15:]))

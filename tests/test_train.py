@@ -13,6 +13,7 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import registry, synth
+from pipeline.checkpoint import model_from
 from pipeline.dataset import WaferDataset, write_dataset
 from pipeline.evaluate import evaluate_model_on, evaluate_real_on
 from pipeline.params import Params, parse_params
@@ -21,6 +22,8 @@ from pipeline.registry import Score
 from pipeline.train import fit, train_and_register, warm_start_model
 from pipeline.wafer import WaferError
 from tests.real_fixture import tiny_real
+
+pytestmark = pytest.mark.slow  # trains models
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +47,26 @@ def tiny(tmp_path_factory):
     return root, params
 
 
+@pytest.fixture(scope="module")
+def trained(tiny):
+    """One `train_and_register` on `tiny`: its MLflow run, the registry's champion and the train stage's files.
+    Tests that read them ask for this fixture, so each one runs alone and in any order."""
+    root, params = tiny
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        summary = train_and_register(params, params.dataset.dir)
+    return root, params, summary
+
+
 def _with_train(params: Params, root, name: str, **train) -> Params:
     data = params.model_dump(mode="json")
     data["train"].update(checkpoint_dir=str(root / name), **train)
     return Params.model_validate(data)
 
 
-def test_training_lowers_loss_and_logs_an_mlflow_run(tiny, monkeypatch):
-    root, params = tiny
+def test_training_lowers_loss_and_logs_an_mlflow_run(trained, monkeypatch):
+    root, params, summary = trained
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    summary = train_and_register(params, params.dataset.dir)
     client = MlflowClient(params.registry.tracking_uri)
     run = client.get_run(summary["run_id"])
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
@@ -89,8 +102,8 @@ def test_training_lowers_loss_and_logs_an_mlflow_run(tiny, monkeypatch):
     assert loaded.pattern_offsets.tolist() == pytest.approx(offsets)
 
 
-def test_warm_start_loads_the_champions_weights_when_the_architecture_matches(tiny, monkeypatch):
-    root, params = tiny
+def test_warm_start_loads_the_champions_weights_when_the_architecture_matches(trained, monkeypatch):
+    root, params, summary = trained
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     registry.configure(params.registry)
     champion, _ = registry.load_model("models:/wafer-fcn8s@champion", params.registry, torch.device("cpu"))
@@ -102,9 +115,9 @@ def test_warm_start_loads_the_champions_weights_when_the_architecture_matches(ti
     assert warm_start_model(wider, torch.device("cpu")) == (None, None)
 
 
-def test_a_model_without_weights_only_checkpoint_loads_only_when_the_user_opts_in(tiny, monkeypatch):
+def test_a_model_without_weights_only_checkpoint_loads_only_when_the_user_opts_in(trained, monkeypatch):
     """A `runs:/` URI has no weights-only checkpoint: loading it would unpickle MLflow's model (run its code)."""
-    root, params = tiny
+    root, params, summary = trained
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     registry.configure(params.registry)
     run_id = MlflowClient().get_model_version_by_alias("wafer-fcn8s", "champion").run_id
@@ -181,10 +194,11 @@ def test_gate_refuses_a_challenger_that_loses_real_accuracy(tiny, monkeypatch):
     assert "stays challenger: loses wm811k beyond the noise" in tag
 
 
-def test_evaluate_stage_matches_the_logged_test_metrics(tiny, monkeypatch):
-    root, params = tiny
+def test_evaluate_stage_matches_the_logged_test_metrics(trained, monkeypatch):
+    root, params, summary = trained
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    summary = json.loads((params.train.reports_dir / "train_summary.json").read_text())
+    written = json.loads((params.train.reports_dir / "train_summary.json").read_text())
+    assert (written["run_id"], written["model_version"]) == (summary["run_id"], summary["model_version"])
     out = root / "evaluate"
     metrics = evaluate_model_on(f"models:/wafer-fcn8s/{summary['model_version']}", params.dataset.dir, "test",
                                 out, params)
@@ -195,10 +209,11 @@ def test_evaluate_stage_matches_the_logged_test_metrics(tiny, monkeypatch):
     assert (out / "confusion_test.png").stat().st_size > 0 and (out / "overlays_test.png").stat().st_size > 0
 
 
-def test_train_stage_writes_the_model_curve_and_metrics_dvc_reads(tiny, monkeypatch):
-    root, params = tiny
+def test_train_stage_writes_the_model_curve_and_metrics_dvc_reads(trained, monkeypatch):
+    root, params, summary = trained
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    summary = json.loads((params.train.reports_dir / "train_summary.json").read_text())
+    written = json.loads((params.train.reports_dir / "train_summary.json").read_text())
+    assert (written["run_id"], written["model_version"]) == (summary["run_id"], summary["model_version"])
     history = pd.read_csv(params.train.reports_dir / "history.csv")
     assert list(history["epoch"]) == list(range(1, summary["epochs_run"] + 1))
     assert {"train_loss", "val_miou", "val_defect_miou", "val_score", "val_wm811k_balanced_accuracy",
@@ -239,10 +254,9 @@ def test_ddp_on_cpu_with_gloo_keeps_both_ranks_in_step(tiny, tmp_path):
     assert any(not torch.equal(alone.model.state_dict()[n], w) for n, w in ranks[0]["weights"].items())
 
 
-def test_evaluate_real_stage_gives_the_scores_the_run_logged(tiny, monkeypatch):
-    root, params = tiny
+def test_evaluate_real_stage_gives_the_scores_the_run_logged(trained, monkeypatch):
+    root, params, summary = trained
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    summary = json.loads((params.train.reports_dir / "train_summary.json").read_text())
     out = root / "real-eval"
     tables = evaluate_real_on(str(params.train.model_out), params, "test", out)
     written = json.loads((out / "metrics.json").read_text())["test"]
@@ -267,7 +281,7 @@ def test_a_checkpoint_from_before_batch_norm_and_the_decision_still_loads(tmp_pa
     weights = {k: v for k, v in old.state_dict().items() if k != "pattern_offsets"}
     model_keys = {"arch": "fcn8s", "width": 0.0625, "dropout": 0.5}
     checkpoint = {"model": weights, "state": {}, "params": {"model": model_keys}}
-    loaded = registry._model_from_checkpoint(checkpoint, torch.device("cpu"))
+    loaded = model_from(checkpoint, torch.device("cpu"))
     assert loaded.score_global is None and loaded.pattern_offsets.tolist() == [0.0] * 4
     maps = torch.randint(0, 3, (2, 40, 40))
     old.eval()

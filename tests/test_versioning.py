@@ -21,6 +21,8 @@ from pipeline.versioning import (STORE_README, VersioningError, dvc_lock, dvc_md
 
 PROJECT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # git and DVC subprocesses
+
 
 @pytest.fixture
 def repo(tmp_path):
@@ -177,6 +179,7 @@ def pipeline_repo(tmp_path_factory):
     return root, first
 
 
+@pytest.mark.integration
 def test_dvc_repro_runs_every_stage_then_does_nothing(pipeline_repo):
     root, first = pipeline_repo
     for stage in ("generate", "split", "train", "evaluate", "infer"):
@@ -187,6 +190,7 @@ def test_dvc_repro_runs_every_stage_then_does_nothing(pipeline_repo):
     assert "Running stage" not in again and "Data and pipelines are up to date" in again
 
 
+@pytest.mark.integration
 def test_a_train_param_change_reruns_only_train_and_later_stages(pipeline_repo):
     root, _ = pipeline_repo
     params = yaml.safe_load((root / "params.yaml").read_text())

@@ -1,4 +1,4 @@
-"""Wafer tables (pipeline/wafer_table.py): round trips, slices of the real WM-811K and MixedWM38 tables, and
+"""Wafer tables (pipeline/io/wafer_table.py): round trips, slices of the real WM-811K and MixedWM38 tables, and
 one test per bad input asserting that the error names the file, the wafer and the problem."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import io, wafer_table
-from pipeline.io import Rejected
+from pipeline import io
+from pipeline.io import Rejected, wafer_table
 from pipeline.labels import normalise_label
 from pipeline.wafer import Wafer, WaferError, validate_wafer
-from pipeline.wafer_table import DEFAULT_LOT_WAFERS, read_wafer_table, write_wafer_table
+from pipeline.io.wafer_table import DEFAULT_LOT_WAFERS, read_wafer_table, write_wafer_table
 
 REAL = Path(__file__).resolve().parents[1] / "real_data"
 REAL_TABLES = [REAL / "wm811k" / "wm811k_labelled.parquet", REAL / "mixedwm38" / "mixedwm38.parquet"]

@@ -7,7 +7,8 @@ import torch
 
 from pipeline.model import build_model
 from pipeline.params import parse_params
-from pipeline.train import TrainState, save_checkpoint
+from pipeline.checkpoint import save_checkpoint
+from pipeline.train import TrainState
 
 
 @pytest.fixture(scope="session")

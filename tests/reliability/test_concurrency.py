@@ -18,6 +18,8 @@ from pipeline.locks import hold_lock, release
 from .catalogue import good_wafer
 from .workloads import lot_id, lots_inbox, python_child
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # several processes at once
+
 N_LOTS = 30
 RUNS = 2
 INFER_CHILD = """

@@ -27,6 +27,8 @@ from pipeline.train import fit
 from .catalogue import good_wafer
 from .workloads import lots_inbox, python_child
 
+pytestmark = pytest.mark.slow  # processes killed mid-training and mid-inference
+
 READY = "epoch-1-done"
 CHILD_TIMEOUT_S = 300
 
@@ -280,17 +282,17 @@ def test_a_failure_in_prediction_leaves_no_lot_locked(tmp_path, params, checkpoi
 
 
 def test_replacing_a_directory_swaps_it_in_one_step_and_leaves_nothing_aside(tmp_path, monkeypatch):
-    from pipeline import io
+    from pipeline import atomic
 
     target = tmp_path / "store"
     target.mkdir()
     (target / "old").write_text("old")
-    built = io.staging_directory(target)
+    built = atomic.staging_directory(target)
     (built / "new").write_text("new")
     swaps = []
-    exchange = io._exchange
-    monkeypatch.setattr(io, "_exchange", lambda a, b: swaps.append((a, b)) or exchange(a, b))
-    io.replace_directory(built, target)
+    exchange = atomic._exchange
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: swaps.append((a, b)) or exchange(a, b))
+    atomic.replace_directory(built, target)
     assert swaps == [(built, target)]
     assert [p.name for p in target.iterdir()] == ["new"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
@@ -300,7 +302,7 @@ def test_a_store_left_aside_by_a_killed_ingest_is_put_back_before_the_next_inges
     """Without renameat2 the swap is two renames; a kill between them leaves no store, its old copy aside and
     a staging directory inside data/. The next ingest must restore the store (not write one of only the new
     entries) and clear the leftovers (or `dvc add data` would version them)."""
-    from pipeline import io, versioning
+    from pipeline import atomic, versioning
     from pipeline.dataset import WaferDataset
 
     monkeypatch.setattr(versioning, "_version_locked",
@@ -310,8 +312,8 @@ def test_a_store_left_aside_by_a_killed_ingest_is_put_back_before_the_next_inges
     write_npy_lots([good_wafer("LOT-1", f"w{i}", seed=i) for i in range(3)], first)
     versioning.ingest(params, [first / "LOT-1"], workspace=workspace)
     store = workspace / params.data.store
-    store.rename(store.parent / f"{io.ASIDE_PREFIX}{store.name}-deadbeef")  # what the kill left
-    io.staging_directory(store)  # and a half-built staging directory
+    store.rename(store.parent / f"{atomic.ASIDE_PREFIX}{store.name}-deadbeef")  # what the kill left
+    atomic.staging_directory(store)  # and a half-built staging directory
 
     second = tmp_path / "second"
     write_npy_lots([good_wafer("LOT-2", "w0")], second)

@@ -20,6 +20,8 @@ from tests.nightly_workspace import SEED_LOTS, nightly_workspace, synthetic_wafe
 
 from .workloads import PROJECT
 
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # the nightly flow, killed and rerun
+
 KILLED_NIGHTLY = """
 import importlib, os, signal, sys
 from pathlib import Path
@@ -41,7 +43,7 @@ nightly(Path("params.yaml"))
 STEPS = {  # the step: (module, function, calls that go through before the kill)
     "ingest, store written, entries not yet moved": ("pipeline.versioning", "_move_ingested", 0),
     "synthetic set half written": ("pipeline.dataset", "write_dataset", 0),
-    "training, at the first checkpoint": ("pipeline.train", "save_checkpoint", 0),
+    "training, at the first checkpoint": ("pipeline.checkpoint", "save_checkpoint", 0),
     "inference, one lot reported": ("pipeline.report", "write_lot_report", 1),
 }
 LABELLED_WAFERS = 6

@@ -22,7 +22,8 @@ from pipeline.wafer import NUM_CLASSES, Wafer, WaferError
 
 FUZZ = settings(max_examples=150, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-pytestmark = pytest.mark.timeout(120)  # a reader that hangs fails here
+pytestmark = [pytest.mark.slow,  # hypothesis: hundreds of files per property
+              pytest.mark.timeout(120)]  # a reader that hangs fails here
 
 DTYPES = ["u1", "i1", "u2", "i2", "i4", "i8", "u8", ">i4", "f2", "f4", "f8", "?", "c8", "M8[s]", "m8[s]", "U2", "S2"]
 SHAPES = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=6)

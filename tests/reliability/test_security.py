@@ -14,7 +14,7 @@ from browser import CHROMIUM, open_page
 from pipeline import infer, io, registry, report, versioning
 from pipeline.model import build_model
 from pipeline.params import InferParams, ReportParams
-from pipeline.train import load_checkpoint
+from pipeline.checkpoint import restore_training
 from pipeline.wafer import validate_wafer
 
 from .catalogue import Payload, good_wafer, marker_of
@@ -44,7 +44,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(booby_trapped, params):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     with pytest.raises(ValueError, match=r"refused: a checkpoint may hold only tensors"):
-        load_checkpoint(booby_trapped, model, optimizer, scheduler)
+        restore_training(booby_trapped, model, optimizer, scheduler)
     assert not marker_of(booby_trapped.parent).exists()
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline import io
-from pipeline.io import Rejected
+from pipeline.io import Rejected, common, die_table, wafer_table
 from pipeline.wafer import Wafer, WaferError, validate_wafer
 
 from .catalogue import good_wafer
@@ -123,20 +123,18 @@ def test_a_die_table_over_the_byte_limit_is_refused_before_it_is_read(tmp_path, 
     wafers = [good_wafer("L", f"w{i}", seed=i, size=40) for i in range(20)]
     path = tmp_path / f"dies{suffix}"
     io.write_die_table(wafers, path)
-    monkeypatch.setattr(io, "MAX_TABLE_BYTES", 2000)
-    monkeypatch.setattr(io.pq, "read_table", lambda *a, **k: pytest.fail("the table was read"))
-    monkeypatch.setattr(io.pa_csv, "read_csv", lambda *a, **k: pytest.fail("the table was read"))
+    monkeypatch.setattr(common, "MAX_TABLE_BYTES", 2000)
+    monkeypatch.setattr(die_table.pq, "read_table", lambda *a, **k: pytest.fail("the table was read"))
+    monkeypatch.setattr(die_table.pa_csv, "read_csv", lambda *a, **k: pytest.fail("the table was read"))
     (rejected,) = io.iter_source(path)
     assert isinstance(rejected, Rejected) and str(path) in rejected.reason
     assert "bytes; the limit is 2,000 (io.MAX_TABLE_BYTES)" in rejected.reason
 
 
 def test_a_wafer_table_whose_row_group_is_over_the_byte_limit_is_refused_before_a_map_is_read(tmp_path, monkeypatch):
-    from pipeline import wafer_table
-
     path = tmp_path / "wafers.parquet"
     wafer_table.write_wafer_table([good_wafer("L", f"w{i}", seed=i, size=40) for i in range(20)], path)
-    monkeypatch.setattr(io, "MAX_TABLE_BYTES", 2000)
+    monkeypatch.setattr(common, "MAX_TABLE_BYTES", 2000)
     monkeypatch.setattr(wafer_table.pq.ParquetFile, "iter_batches", lambda *a, **k: pytest.fail("a map was read"))
     (rejected,) = io.iter_source(path)
     assert isinstance(rejected, Rejected) and str(path) in rejected.reason

@@ -22,13 +22,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io import (
+from pipeline.atomic import atomic_file
+from pipeline.io.common import (
     DEFAULT_LOT_WAFERS,
     MAX_MAP_SIDE,
     PARQUET_SUFFIX,
     Item,
     PathLike,
-    _atomic_target,
     _check_table_bytes,
     _require_columns,
     _side_limit_problem,
@@ -92,7 +92,7 @@ def write_wafer_table(wafers: Iterable[Wafer], path: PathLike) -> None:
     _warn_dropped_masks(wafers, path)
     labels = [None if wafer.label is None else _failure_type(wafer, path) for wafer in wafers]
     schema = _schema(labelled=any(label is not None for label in labels))
-    with _atomic_target(path) as tmp, pq.ParquetWriter(str(tmp), schema) as writer:
+    with atomic_file(path) as tmp, pq.ParquetWriter(str(tmp), schema) as writer:
         for start in range(0, len(wafers), BATCH_ROWS):
             part = slice(start, start + BATCH_ROWS)
             writer.write_table(_table_of(wafers[part], labels[part], schema))
