@@ -14,7 +14,7 @@ import typer
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from pipeline import dataset, infer, registry, synth, train, versioning
+from pipeline import dataset, infer, registry, stages, versioning
 from pipeline.locks import LockHeld, hold_lock
 from pipeline.params import Params, load_params, resolve_profile
 
@@ -37,14 +37,13 @@ def generate_synthetic(params: Params) -> int:
     existing = params.dataset.synthetic_dir / dataset.INDEX_FILE
     if existing.is_file():
         return 0
-    wafers = synth.generate(params.synth, seed=params.seed)
-    return len(dataset.write_dataset(wafers, params.dataset.synthetic_dir, params.dataset, params.seed))
+    index, _ = stages.generate(params)
+    return len(index)
 
 
 @task(name="build-training-set", tags=["io"])
 def build_training_set(params: Params) -> str:
-    dataset.merge_datasets([params.dataset.synthetic_dir, params.data.store], params.dataset.dir, params.dataset,
-                           params.seed)
+    stages.split(params)
     return versioning.training_set_version(params.dataset.dir, params.real)
 
 
@@ -56,7 +55,7 @@ def champion_dataset(params: Params) -> str | None:
 
 @task(name="train-evaluate-register", tags=["gpu"])
 def train_evaluate_register(params: Params) -> dict:
-    return train.train_and_register(params, params.dataset.dir)
+    return stages.train(params, params.dataset.dir)
 
 
 @task(name="infer-inbox", tags=["io"])

@@ -9,7 +9,6 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import track
 from rich.table import Table
 
 from pipeline.params import DEFAULT_PARAMS, ParamsError, load_params, resolve_profile
@@ -66,17 +65,13 @@ def generate(
     profile: ProfileOption = None,
 ) -> None:
     """Generate a synthetic labelled dataset, print its statistics and write a preview."""
-    from pipeline import dataset, synth, viz
+    from pipeline import dataset, stages
 
     params = _params(params_path, profile)
-    seed = params.seed if seed is None else seed
-    n = params.synth.n_wafers if n is None else n
     out = params.dataset.synthetic_dir if out is None else out
-    wafers = track(synth.generate(params.synth, seed=seed, n=n), total=n, description="generating",
-                   console=console)
-    index = dataset.write_dataset(wafers, out, params.dataset, seed)
+    with console.status(f"generating {n or params.synth.n_wafers} wafers"):
+        index, preview = stages.generate(params, n, out, seed)
     print_frame(dataset.dataset_stats(index).T, f"{out}: {len(index)} wafers")
-    preview = viz.preview_dataset(dataset.WaferDataset(out), params.preview)
     console.print(f"preview: {preview}")
     if compare_real is not None:
         _compare(compare_real, out, params)
@@ -125,12 +120,11 @@ def split(
     profile: ProfileOption = None,
 ) -> None:
     """Merge the synthetic set and the real labelled store into the training dataset, split per lot."""
-    from pipeline import dataset
+    from pipeline import dataset, stages
 
     params = _params(params_path, profile)
     out = out or params.dataset.dir
-    index = dataset.merge_datasets([params.dataset.synthetic_dir, params.data.store], out, params.dataset,
-                                   params.seed)
+    index = stages.split(params, out)
     print_frame(dataset.dataset_stats(index).T, f"{out}: {len(index)} wafers")
 
 
@@ -161,10 +155,10 @@ def train(
     profile: ProfileOption = None,
 ) -> None:
     """Train FCN-8s on synthetic and real wafers, log the run to MLflow, register the model, apply the gate."""
-    from pipeline.train import train_and_register
+    from pipeline import stages
 
     params = _params(params_path, profile)
-    summary = train_and_register(params, dataset_dir or params.dataset.dir, resume=resume, from_scratch=from_scratch)
+    summary = stages.train(params, dataset_dir or params.dataset.dir, resume=resume, from_scratch=from_scratch)
     for key, value in summary.items():
         console.print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
@@ -179,10 +173,10 @@ def evaluate(
     profile: ProfileOption = None,
 ) -> None:
     """Evaluate a model on a dataset split: metrics, confusion matrix and overlays."""
-    from pipeline.evaluate import evaluate_model_on
+    from pipeline import stages
 
     params = _params(params_path, profile)
-    metrics = evaluate_model_on(model or params.infer.model_uri, dataset_dir or params.dataset.dir, split, out, params)
+    metrics = stages.evaluate(model or params.infer.model_uri, dataset_dir or params.dataset.dir, split, out, params)
     for key, value in metrics.items():
         if isinstance(value, float):
             console.print(f"{key}: {value:.4f}")
@@ -200,10 +194,10 @@ def evaluate_real(
 ) -> None:
     """Wafer-level scores on real labelled wafers: WM-811K recall per label, balanced accuracy and false alarms;
     MixedWM38 exact pattern-set match and presence F1 per class."""
-    from pipeline.evaluate import evaluate_real_on
+    from pipeline import stages
 
     params = _params(params_path, profile)
-    tables = evaluate_real_on(model or params.infer.model_uri, params, split, out or params.real.reports_dir, source)
+    tables = stages.evaluate_real(model or params.infer.model_uri, params, split, out or params.real.reports_dir, source)
     console.print(tables)
 
 

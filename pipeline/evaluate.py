@@ -7,7 +7,6 @@ positions never count, whatever the model predicts there.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,13 +18,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import io, labels, real_eval, viz  # noqa: E402
-from pipeline.dataset import WaferDataset  # noqa: E402
-from pipeline.device import select_device, use_amp  # noqa: E402
+from pipeline import real_eval, viz  # noqa: E402
 from pipeline.patterns import wafer_patterns  # noqa: E402
 from pipeline.predict import predict_wafers  # noqa: E402
-from pipeline.realdata import load_real_sets  # noqa: E402
-from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, NUM_CLASSES, OFF_WAFER, Wafer, WaferError, class_die_counts  # noqa: E402,F401
+from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, NUM_CLASSES, OFF_WAFER, Wafer, class_die_counts  # noqa: E402,F401
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -212,48 +208,3 @@ def evaluate_split(model, wafers: Sequence[Wafer], out_dir: Path, name: str, bat
     plots = [plot_confusion(confusion.matrix, out_dir / f"confusion_{name}.png", title=title or name),
              plot_overlays(wafers, predictions, out_dir / f"overlays_{name}.png")]
     return confusion, metrics, plots
-
-
-def evaluate_real_on(model_uri: str, params, split: str, out_dir: Path, sources: Sequence[Path] | None = None) -> str:
-    """The `evaluate_real` stage: a model's wafer-level scores on one split of the shipped real sets (or on
-    every wafer of labelled `sources`), written as metrics.json, real_scores.md and plots; returns the tables."""
-    from pipeline.registry import load_model  # MLflow: imported by the stages that load a registered model
-
-    device = select_device(params.train.device)
-    model, version = load_model(model_uri, params.registry, device)
-    if sources:
-        wafers = [w for source in sources for w in io.read_wafers(source, named=True)]
-        unlabelled = [w for w in wafers if w.label is None]
-        if unlabelled:
-            first = unlabelled[0]
-            raise WaferError(first.source, "no wafer-level label (failure_type) to score against", first.lot_id,
-                             first.wafer_id)
-        single = all(len(labels.parse_label(w.label)) <= 1 for w in wafers)
-        # single-label data is scored both ways: by dominant class (WM-811K) and by pattern set
-        real = {"wm811k": wafers, "mixedwm38": wafers} if single else {"mixedwm38": wafers}
-        split = "source"
-    else:
-        real = {name: splits[split] for name, splits in load_real_sets(params.real).items()}
-    scores = {split: evaluate_real(model, real, params, device, use_amp(params.train, device))}
-    out_dir = Path(out_dir)
-    real_eval.write_real_reports(scores, out_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(
-        {"model": version, split: {name: real_eval.headline(s) for name, s in scores[split].items()}}, indent=2))
-    return (out_dir / "real_scores.md").read_text()
-
-
-def evaluate_model_on(model_uri: str, dataset_dir: Path, split: str, out_dir: Path, params) -> dict:
-    """The `evaluate` stage: a registered or checkpointed model on one split of a dataset, with plots."""
-    from pipeline.registry import load_model
-
-    device = select_device(params.train.device)
-    model, version = load_model(model_uri, params.registry, device)
-    wafers = [w for w in WaferDataset(dataset_dir).wafers(split) if w.mask is not None]  # mIoU needs die truth
-    confusion, metrics, _ = evaluate_split(model, wafers, out_dir, split, params.infer.batch_wafers, device,
-                                           use_amp(params.train, device), params.train.channels_last,
-                                           title=f"{version} on {split}")
-    (Path(out_dir) / f"metrics_{split}.json").write_text(json.dumps(
-        {"model": version, "dataset": str(dataset_dir), "split": split, "wafers": len(wafers),
-         "confusion": confusion.matrix.tolist(), **metrics}, indent=2, default=float))
-    (Path(out_dir) / "metrics.json").write_text(json.dumps({split: headline_metrics(metrics)}, indent=2))
-    return metrics

@@ -1,12 +1,11 @@
 """Training FCN-8s on a labelled dataset: bucketed batches, joint map+mask augmentation, class-weighted
 cross-entropy over on-wafer dies, per-epoch checkpoints that resume bit-for-bit, early stopping on val mIoU.
 
-The loop reports each epoch through a callback; `pipeline.registry` turns those into an MLflow run.
+The loop reports each epoch through a callback; the train stage (`pipeline.stages.train`) logs them to MLflow.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -25,7 +24,7 @@ from pipeline import checkpoint, distributed, real_eval, realdata
 from pipeline.dataset import INDEX_FILE as DATASET_INDEX
 from pipeline.dataset import WaferDataset
 from pipeline.device import select_device, use_amp
-from pipeline.evaluate import evaluate_model, evaluate_real, evaluate_split, headline_metrics
+from pipeline.evaluate import evaluate_model, evaluate_real
 from pipeline.labels import label_classes
 from pipeline.model import autocast_context, build_model, presence_logits
 from pipeline.params import Params, TrainParams
@@ -363,146 +362,3 @@ def write_history(history: list[dict[str, float]], path: Path) -> Path:
     frame.insert(0, "epoch", range(1, len(frame) + 1))
     frame.to_csv(path, index=False, float_format="%.6g")
     return path
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def warm_start_model(params: Params, device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
-    """The champion's weights when its architecture is the one params.model builds (same layers and shapes),
-    else (None, None): training then starts from scratch."""
-    from pipeline import registry
-
-    champion = registry.current_champion(params.registry.model_name)
-    if champion is None:
-        return None, None
-    uri = f"models:/{params.registry.model_name}/{champion}"
-    loaded, label = registry.load_model(uri, params.registry, device)
-    fresh = build_model(params.model)
-    theirs = loaded.state_dict()
-    if {k: v.shape for k, v in fresh.state_dict().items()} != {k: v.shape for k, v in theirs.items()}:
-        log.info("warm start: champion %s has another architecture; training from scratch", label)
-        return None, None
-    fresh.load_state_dict(theirs)
-    log.info("warm start from the champion %s", label)
-    return fresh, label
-
-
-def train_and_register(params: Params, dataset_dir: Path, resume: bool = False, out_dir: Path | None = None,
-                       from_scratch: bool = False) -> dict:
-    """The `train` stage: fit (warm-started from the champion unless from_scratch or train.warm_start is off),
-    score val and test (synthetic mIoU; real WM-811K and MixedWM38 wafer-level scores), log it all to one
-    MLflow run, register the model and let the gate decide whether it becomes champion."""
-    import mlflow
-
-    from pipeline import registry
-    from pipeline.versioning import dvc_md5, training_set_version
-
-    dataset = WaferDataset(dataset_dir)
-    real = realdata.load_real_sets(params.real)
-    fit_real = {name: {"train": splits["train"], "val": splits["val"]} for name, splits in real.items()}
-    if not distributed.from_env().is_main:  # other torchrun ranks train alongside rank 0, which alone records
-        fit(params, dataset, resume=resume, real=fit_real)
-        return {}
-    out_dir = Path(out_dir or params.train.reports_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    registry.configure(params.registry)
-    # The DVC md5 of data/ names the labelled data; the content hash names the exact split trained on.
-    version = dvc_md5(params.data) or "untracked"
-    content_hash = training_set_version(dataset_dir, params.real)
-    warm, warm_label = (None, None)
-    if params.train.warm_start and not from_scratch and not resume:
-        warm, warm_label = warm_start_model(params, select_device(params.train.device))
-
-    def start(state: TrainState) -> None:
-        run = registry.start_run(run_id=state.run_id, log_system_metrics=params.registry.system_metrics)
-        state.run_id = run.info.run_id
-        if not resume or not state.history:
-            registry.log_params(_flatten(params.model_dump(mode="json")))
-            registry.log_params({"dataset.version": version, "dataset.content_hash": content_hash,
-                               "dataset.path": str(dataset_dir), "warm_start": warm_label or "none",
-                               **{f"dataset.{s}_wafers": int((dataset.index["split"] == s).sum())
-                                  for s in ("train", "val", "test")},
-                               **{f"real.{name}.{s}_wafers": len(w) for name, splits in real.items()
-                                  for s, w in splits.items()}})
-            registry.set_tags({"dataset_version": version, "profile": params.profile})
-
-    try:
-        result = fit(params, dataset, resume=resume, on_start=start, model=warm, real=fit_real,
-                     on_epoch=lambda epoch, record: registry.log_metrics(record, step=epoch))
-        model, device, amp, tp = result.model, result.device, result.amp, params.train
-        test_wafers = masked_wafers(dataset, "test")
-        confusion, metrics, plots = evaluate_split(model, test_wafers, out_dir, "test", params.infer.batch_wafers, device,
-                                                   amp, tp.channels_last)
-        real_scores = {split: evaluate_real(model, {n: s[split] for n, s in real.items()}, params, device, amp)
-                       for split in ("val", "test")}
-        plots += real_eval.write_real_reports(real_scores, out_dir)
-        test_metrics = {f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}
-        # per-epoch `val_<set>_*` curves score a val sample before calibration; these score all of val after it
-        prefixes = {"val": "calibrated_val", "test": "test"}
-        real_metrics = {k: v for split, by_set in real_scores.items() for name, scores in by_set.items()
-                        for k, v in real_eval.flat_metrics(scores, f"{prefixes[split]}_{name}").items()}
-        checkpoint.save_model(tp.model_out, model, params)
-        write_history(result.state.history, out_dir / "history.csv")
-        (out_dir / "metrics.json").write_text(json.dumps(
-            {"test": headline_metrics(metrics), "best_epoch": result.state.best_epoch,
-             "best_val_score": round(result.state.best_score, 6),
-             "real": {split: {name: real_eval.headline(scores) for name, scores in by_set.items()}
-                      for split, by_set in real_scores.items()},
-             "calibration": {k: round(v, 6) for k, v in result.calibration.items()}}, indent=2))
-        registry.log_metrics({**test_metrics, **real_metrics, **result.calibration})
-        registry.log_metrics({"best_epoch": result.state.best_epoch, "epochs_run": result.state.epoch,
-                            "train_wafers_per_s_overall": result.state.wafers_seen / result.state.train_seconds})
-        for plot in plots:
-            registry.log_artifact(str(plot), "plots")
-        registry.log_dict({"matrix": confusion.matrix.tolist(), "metrics": metrics}, "metrics/test_confusion.json")
-        registry.log_dict(real_scores, "metrics/real_scores.json")
-        example = np.stack([test_wafers[0].map])
-        registry.log_weights(tp.model_out)
-        model_version = registry.log_and_register_model(model, example, params.registry.model_name)
-
-        synthetic_val = masked_wafers(dataset, "val")
-        real_val = {name: splits["val"] for name, splits in real.items()}
-        challenger = {"synthetic_miou": registry.Score(val_miou(model, synthetic_val, params, device, amp),
-                                                       params.registry.miou_noise),
-                      **gate_scores(real_scores["val"])}
-
-        def champion_scores(uri: str) -> dict:
-            champion, _ = registry.load_model(uri, params.registry, device)
-            return {"synthetic_miou": registry.Score(val_miou(champion, synthetic_val, params, device, amp),
-                                                     params.registry.miou_noise),
-                    **gate_scores(evaluate_real(champion, real_val, params, device, amp))}
-
-        decision = registry.gate(params.registry.model_name, model_version, challenger, champion_scores,
-                                 params.registry.gate_sigmas)
-        registry.set_tags({"gate": decision.describe()})
-        registry.log_metrics({"gate_promoted": float(decision.promoted),
-                            **{f"champion_val_{k}": v.value for k, v in (decision.champion or {}).items()}})
-        summary = {"run_id": result.state.run_id, "model_version": model_version, "dataset_version": version,
-                   "warm_start": warm_label, "promoted": decision.promoted, "gate": decision.describe(),
-                   "best_epoch": result.state.best_epoch, "epochs_run": result.state.epoch,
-                   "stopped_early": result.stopped_early, "train_seconds": round(result.state.train_seconds, 1),
-                   "train_wafers_per_s": round(result.state.wafers_seen / result.state.train_seconds, 1),
-                   **test_metrics, **real_metrics}
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float))
-        return summary
-    finally:
-        mlflow.end_run()
-
-
-def val_miou(model, wafers: list[Wafer], params: Params, device: torch.device, amp: bool) -> float:
-    tp = params.train
-    return evaluate_model(model, wafers, params.infer.batch_wafers, device, amp, tp.channels_last)[1]["miou"]
-
-
-def gate_scores(real_scores: dict[str, dict]) -> dict:
-    from pipeline.registry import Score
-
-    return {name: Score(real_eval.main_score(s), real_eval.main_score_noise(s)) for name, s in real_scores.items()}

@@ -12,14 +12,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import registry, synth
+from pipeline import registry, stages, synth
 from pipeline.checkpoint import model_from
 from pipeline.dataset import WaferDataset, write_dataset
-from pipeline.evaluate import evaluate_model_on, evaluate_real_on
 from pipeline.params import Params, parse_params
 from pipeline.model import FCN, encode_maps
 from pipeline.registry import Score
-from pipeline.train import fit, train_and_register, warm_start_model
+from pipeline.train import fit
 from pipeline.wafer import WaferError
 from tests.real_fixture import tiny_real
 
@@ -49,12 +48,12 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tiny):
-    """One `train_and_register` on `tiny`: its MLflow run, the registry's champion and the train stage's files.
+    """One `stages.train` on `tiny`: its MLflow run, the registry's champion and the train stage's files.
     Tests that read them ask for this fixture, so each one runs alone and in any order."""
     root, params = tiny
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        summary = train_and_register(params, params.dataset.dir)
+        summary = stages.train(params, params.dataset.dir)
     return root, params, summary
 
 
@@ -107,12 +106,12 @@ def test_warm_start_loads_the_champions_weights_when_the_architecture_matches(tr
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     registry.configure(params.registry)
     champion, _ = registry.load_model("models:/wafer-fcn8s@champion", params.registry, torch.device("cpu"))
-    warm, label = warm_start_model(params, torch.device("cpu"))
+    warm, label = stages.warm_start(params, torch.device("cpu"))
     assert label == f"wafer-fcn8s/{registry.current_champion('wafer-fcn8s')}"
     for name, weight in champion.state_dict().items():
         assert torch.equal(weight, warm.state_dict()[name]), name
     wider = params.model_copy(update={"model": params.model.model_copy(update={"width": 0.125})})
-    assert warm_start_model(wider, torch.device("cpu")) == (None, None)
+    assert stages.warm_start(wider, torch.device("cpu")) == (None, None)
 
 
 def test_a_model_without_weights_only_checkpoint_loads_only_when_the_user_opts_in(trained, monkeypatch):
@@ -200,7 +199,7 @@ def test_evaluate_stage_matches_the_logged_test_metrics(trained, monkeypatch):
     written = json.loads((params.train.reports_dir / "train_summary.json").read_text())
     assert (written["run_id"], written["model_version"]) == (summary["run_id"], summary["model_version"])
     out = root / "evaluate"
-    metrics = evaluate_model_on(f"models:/wafer-fcn8s/{summary['model_version']}", params.dataset.dir, "test",
+    metrics = stages.evaluate(f"models:/wafer-fcn8s/{summary['model_version']}", params.dataset.dir, "test",
                                 out, params)
     assert metrics["miou"] == pytest.approx(summary["test_miou"])
     written = json.loads((out / "metrics_test.json").read_text())
@@ -225,7 +224,7 @@ def test_train_stage_writes_the_model_curve_and_metrics_dvc_reads(trained, monke
     assert metrics["real"]["test"]["wm811k"]["balanced_accuracy"] == pytest.approx(
         summary["test_wm811k_balanced_accuracy"], abs=1e-4)
     # the saved model is the selected one: it scores exactly what the run logged
-    evaluated = evaluate_model_on(str(params.train.model_out), params.dataset.dir, "test", root / "ev", params)
+    evaluated = stages.evaluate(str(params.train.model_out), params.dataset.dir, "test", root / "ev", params)
     assert evaluated["miou"] == pytest.approx(summary["test_miou"])
 
 
@@ -258,20 +257,20 @@ def test_evaluate_real_stage_gives_the_scores_the_run_logged(trained, monkeypatc
     root, params, summary = trained
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = root / "real-eval"
-    tables = evaluate_real_on(str(params.train.model_out), params, "test", out)
+    tables = stages.evaluate_real(str(params.train.model_out), params, "test", out)
     written = json.loads((out / "metrics.json").read_text())["test"]
     assert written["wm811k"]["balanced_accuracy"] == pytest.approx(summary["test_wm811k_balanced_accuracy"], abs=1e-4)
     assert written["mixedwm38"]["exact_match"] == pytest.approx(summary["test_mixedwm38_exact_match"], abs=1e-4)
     assert "balanced accuracy" in tables.lower() and (out / "real_test_wm811k.png").stat().st_size > 0
     # a labelled source named on the command line is scored on all its wafers
-    source = evaluate_real_on(str(params.train.model_out), params, "test", root / "src",
+    source = stages.evaluate_real(str(params.train.model_out), params, "test", root / "src",
                               [params.real.sets["wm811k"].path])
     assert json.loads((root / "src" / "metrics.json").read_text())["source"]["wm811k"]["wafers"] == 80
     assert source
     unlabelled = root / "unlabelled.parquet"
     pq.write_table(pq.read_table(params.real.sets["wm811k"].path).drop_columns(["failure_type"]), unlabelled)
     with pytest.raises(WaferError, match="unlabelled.parquet: wafer .*: no wafer-level label"):
-        evaluate_real_on(str(params.train.model_out), params, "test", root / "none", [unlabelled])
+        stages.evaluate_real(str(params.train.model_out), params, "test", root / "none", [unlabelled])
 
 
 def test_a_checkpoint_from_before_batch_norm_and_the_decision_still_loads(tmp_path):
