@@ -25,11 +25,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline import report
 from pipeline.atomic import atomic_file
+from pipeline.device import select_device
 from pipeline.io import Rejected, iter_source, read_wafers, write_npy_lots
 from pipeline.locks import hold_lock, release, try_lock
 from pipeline.params import Params
 from pipeline.predict import predict_wafers
-from pipeline.device import select_device
 from pipeline.registry import load_model
 from pipeline.wafer import CLASS_NAMES, RUN_QUARANTINE_FILE, Wafer, WaferError, check_id
 

@@ -77,15 +77,15 @@ def warm_start(params: Params, device: torch.device) -> tuple[torch.nn.Module | 
 
 
 def train(params: Params, dataset_dir: Path, resume: bool = False, out_dir: Path | None = None,
-                       from_scratch: bool = False) -> dict:
+          from_scratch: bool = False) -> dict:
     """The `train` stage: fit (warm-started from the champion unless from_scratch or train.warm_start is off),
     score val and test (synthetic mIoU; real WM-811K and MixedWM38 wafer-level scores), log it all to one
     MLflow run, register the model and let the gate decide whether it becomes champion."""
-    dataset = WaferDataset(dataset_dir)
+    training_set = WaferDataset(dataset_dir)
     real = realdata.load_real_sets(params.real)
     fit_real = {name: {"train": splits["train"], "val": splits["val"]} for name, splits in real.items()}
     if not distributed.from_env().is_main:  # other torchrun ranks train alongside rank 0, which alone records
-        fit(params, dataset, resume=resume, real=fit_real)
+        fit(params, training_set, resume=resume, real=fit_real)
         return {}
     out_dir = Path(out_dir or params.train.reports_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,17 +104,17 @@ def train(params: Params, dataset_dir: Path, resume: bool = False, out_dir: Path
             registry.log_params(_flatten(params.model_dump(mode="json")))
             registry.log_params({"dataset.version": version, "dataset.content_hash": content_hash,
                                "dataset.path": str(dataset_dir), "warm_start": warm_label or "none",
-                               **{f"dataset.{s}_wafers": int((dataset.index["split"] == s).sum())
+                               **{f"dataset.{s}_wafers": int((training_set.index["split"] == s).sum())
                                   for s in ("train", "val", "test")},
                                **{f"real.{name}.{s}_wafers": len(w) for name, splits in real.items()
                                   for s, w in splits.items()}})
             registry.set_tags({"dataset_version": version, "profile": params.profile})
 
     try:
-        result = fit(params, dataset, resume=resume, on_start=start, model=warm, real=fit_real,
+        result = fit(params, training_set, resume=resume, on_start=start, model=warm, real=fit_real,
                      on_epoch=lambda epoch, record: registry.log_metrics(record, step=epoch))
         model, device, amp, tp = result.model, result.device, result.amp, params.train
-        test_wafers = masked_wafers(dataset, "test")
+        test_wafers = masked_wafers(training_set, "test")
         confusion, metrics, plots = evaluate_split(model, test_wafers, out_dir, "test", params.infer.batch_wafers, device,
                                                    amp, tp.channels_last)
         real_scores = {split: score_real(model, {n: s[split] for n, s in real.items()}, params, device, amp)
@@ -144,7 +144,7 @@ def train(params: Params, dataset_dir: Path, resume: bool = False, out_dir: Path
         registry.log_weights(tp.model_out)
         model_version = registry.log_and_register_model(model, example, params.registry.model_name)
 
-        synthetic_val = masked_wafers(dataset, "val")
+        synthetic_val = masked_wafers(training_set, "val")
         real_val = {name: splits["val"] for name, splits in real.items()}
         challenger = {"synthetic_miou": registry.Score(val_miou(model, synthetic_val, params, device, amp),
                                                        params.registry.miou_noise),
