@@ -38,14 +38,16 @@ browser:
 	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 # The main job: the nightly Prefect flow, once, on Prefect's ephemeral API, MLflow on SQLite and the
-# local DVC remote. A second run with no new data skips training and reprocesses nothing.
+# local DVC remote. It runs dvc.yaml's stages through `dvc repro`: a second run with nothing new runs no stage
+# and reprocesses no lot.
 run: install
 	$(BIN)/python -m flows.nightly
 
 # The full CPU profile (params.yaml `profiles.full`): every real train wafer each epoch, about an hour on 2 cores;
-# warm-started from the champion, gated like any nightly model.
+# warm-started from the champion, gated like any nightly model. It writes `profile: full` into params.yaml, so
+# DVC reruns the stages and later runs stay on it (`profile: auto` goes back).
 train-full: install
-	$(BIN)/python -m flows.nightly --profile full --always-train
+	$(BIN)/python -m flows.nightly --profile full
 
 test: install-dev browser
 	$(BIN)/python -m pytest

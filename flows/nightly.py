@@ -1,12 +1,14 @@
 """The nightly pipeline as one Prefect flow; every task is one call into `pipeline`.
 
-prepare the workspace -> ingest labelled data (DVC-versioned) -> synthetic set -> training set -> train,
-evaluate, register and gate (skipped when the data is unchanged and a champion exists) -> infer every new
-lot of the inbox -> Prefect artifacts. `python -m flows.nightly` runs it once on Prefect's ephemeral API.
+prepare the workspace -> ingest labelled data (DVC-versioned) -> `dvc repro` of dvc.yaml (generate, split,
+train with registration and gate: DVC runs what is stale, nothing when nothing changed) -> infer every new lot
+of the inbox with the champion -> Prefect artifacts. Prefect keeps the schedule, retries, timeouts, the
+workspace lock and the artifacts. `python -m flows.nightly` runs it once on Prefect's ephemeral API.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,9 +16,9 @@ import typer
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from pipeline import dataset, infer, registry, stages, versioning
+from pipeline import infer, registry, stages, versioning
 from pipeline.locks import LockHeld, hold_lock
-from pipeline.params import Params, load_params, resolve_profile
+from pipeline.params import Params, load_params, resolve_profile, set_profile
 
 
 @task(name="prepare-workspace", tags=["dvc", "io"])
@@ -31,31 +33,13 @@ def ingest_labelled(params: Params) -> versioning.IngestResult:
     return versioning.ingest(params)
 
 
-@task(name="generate-synthetic", tags=["io"])
-def generate_synthetic(params: Params) -> int:
-    """The synthetic labelled set, generated once per settings (it is deterministic in the seed)."""
-    existing = params.dataset.synthetic_dir / dataset.INDEX_FILE
-    if existing.is_file():
-        return 0
-    index, _ = stages.generate(params)
-    return len(index)
-
-
-@task(name="build-training-set", tags=["io"])
-def build_training_set(params: Params) -> str:
-    stages.split(params)
-    return versioning.training_set_version(params.dataset.dir, params.real)
-
-
-@task(name="champion-dataset", tags=["registry"])
-def champion_dataset(params: Params) -> str | None:
-    registry.configure(params.registry)
-    return registry.champion_dataset(params.registry.model_name)
-
-
-@task(name="train-evaluate-register", tags=["gpu"])
-def train_evaluate_register(params: Params) -> dict:
-    return stages.train(params, params.dataset.dir)
+@task(name="reproduce-pipeline", tags=["dvc", "gpu"])
+def reproduce_pipeline(params: Params, always_train: bool) -> tuple[list[str], dict | None]:
+    """`dvc repro` of dvc.yaml: DVC runs the stale stages (generate, split, train with its registration and
+    gate) and records them in dvc.lock. Returns the stages that ran and, when train ran, its summary."""
+    ran = versioning.reproduce(params.data, params.flow.train_timeout_s, force=("train",) if always_train else ())
+    summary = params.train.reports_dir / stages.TRAIN_SUMMARY
+    return ran, json.loads(summary.read_text()) if "train" in ran else None
 
 
 @task(name="infer-inbox", tags=["io"])
@@ -93,7 +77,7 @@ def summary_markdown(params: Params, dataset_md5: str | None, trained: dict | No
                  f"{trained.get('test_mixedwm38_exact_match', float('nan')):.4f}\n\n"
                  f"gate: {trained['gate']}")
     else:
-        model = f"training skipped: no new data since champion version **{champion}** was trained"
+        model = f"training not rerun: `dvc repro` found its inputs unchanged (champion: version **{champion}**)"
     mix = ", ".join(f"{name} {count}" for name, count in inferred.class_mix.items()) or "none yet"
     return (f"# waferseg nightly ({params.profile} profile)\n\n"
             f"- labelled data version (DVC md5 of `{params.data.root}/`): `{dataset_md5}`\n- {model}\n"
@@ -108,45 +92,38 @@ class WorkspaceBusy(RuntimeError):
 
 
 @flow(name="waferseg-nightly", log_prints=False)
-def nightly(params_path: Path = Path("params.yaml"), profile: str | None = None,
-            skip_training_without_new_data: bool = True) -> dict:
-    """Ingest, version, train and gate, then report every new lot. With skip_training_without_new_data,
-    training runs only when the training set differs from the champion's (or there is no champion).
-    Refused while another nightly run holds the workspace (params flow.workspace_lock)."""
-    params = resolve_profile(load_params(params_path), profile)
+def nightly(params_path: Path = Path("params.yaml"), profile: str | None = None, always_train: bool = False) -> dict:
+    """Ingest and version, `dvc repro` the pipeline (it retrains only when an input of train changed, or with
+    always_train), then report every new lot. A profile given here is written to params.yaml (`profile:`),
+    where DVC sees it. Refused while another nightly run holds the workspace (params flow.workspace_lock)."""
+    params = load_params(params_path)
     try:
         with hold_lock(params.flow.workspace_lock):
-            return run_nightly(params, skip_training_without_new_data)
+            if profile and profile != params.profile:
+                set_profile(params_path, profile)
+                get_run_logger().info("%s: profile set to %s (dvc.lock records it)", params_path, profile)
+            return run_nightly(resolve_profile(load_params(params_path)), always_train)
     except LockHeld as held:
         raise WorkspaceBusy(f"{Path.cwd()}: another nightly run ({held.holder}) holds the workspace lock "
                             f"{held.path}; this run did nothing. Let that one finish and run again.") from None
 
 
-def run_nightly(params: Params, skip_training_without_new_data: bool) -> dict:
-    logger = get_run_logger()
+def run_nightly(params: Params, always_train: bool) -> dict:
     flow_params = params.flow
     io_options = {"retries": flow_params.retries, "retry_delay_seconds": flow_params.retry_delay_s,
                   "timeout_seconds": flow_params.io_timeout_s}
 
     prepared = prepare_workspace.with_options(**io_options)(params)
     ingested = ingest_labelled.with_options(**io_options)(params)
-    generate_synthetic.with_options(**io_options)(params)
-    training_set = build_training_set.with_options(**io_options)(params)
-    champion_data = champion_dataset.with_options(**io_options)(params)
     dataset_md5 = versioning.dvc_md5(params.data)
-
-    trained = None
-    if skip_training_without_new_data and champion_data == training_set:
-        logger.info("training set %s unchanged since the champion was trained: skipping training", training_set)
-    else:
-        trained = train_evaluate_register.with_options(timeout_seconds=flow_params.train_timeout_s)(params)
+    ran, trained = reproduce_pipeline.with_options(timeout_seconds=flow_params.train_timeout_s)(params, always_train)
     inferred = infer_inbox.with_options(retries=flow_params.retries, retry_delay_seconds=flow_params.retry_delay_s,
                                         timeout_seconds=flow_params.infer_timeout_s)(params)
     registry.configure(params.registry)
     champion = registry.current_champion(params.registry.model_name)
     publish_artifacts(params, dataset_md5, trained, champion, inferred)
     return {"profile": params.profile, "workspace": prepared, "ingested_wafers": ingested.wafers_added,
-            "quarantined_sources": ingested.quarantined, "dataset_md5": dataset_md5, "training_set": training_set,
+            "quarantined_sources": ingested.quarantined, "dataset_md5": dataset_md5, "stages_run": ran,
             "trained": trained, "champion_version": champion, "tracking_uri": registry.tracking_uri(params.registry),
             "inferred": {"read": inferred.read, "reported": inferred.reported, "lots_reported": inferred.lots_reported,
                          "quarantined": inferred.quarantined, "skipped": inferred.skipped},
@@ -155,13 +132,13 @@ def run_nightly(params: Params, skip_training_without_new_data: bool) -> dict:
 
 def main(params_path: Path = typer.Option(Path("params.yaml"), "--params"),
          profile: str = typer.Option(None, "--profile"),
-         always_train: bool = typer.Option(False, "--always-train", help="Train even when the data is unchanged.")):
+         always_train: bool = typer.Option(False, "--always-train", help="Rerun train even when DVC finds it current.")):
     """Run the nightly flow once (Prefect's ephemeral API unless PREFECT_API_URL points at a server)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = nightly(params_path, profile, skip_training_without_new_data=not always_train)
+    result = nightly(params_path, profile, always_train)
     trained = result["trained"]
     print(f"MLflow: {result['tracking_uri']}"
-          + (f" run {trained['run_id']}" if trained else " (no new run: training skipped)")
+          + (f" run {trained['run_id']}" if trained else " (no new run: `dvc repro` found train current)")
           + f"  (browse: mlflow ui --backend-store-uri {result['tracking_uri']})")
     print(f"champion: models:/{load_params(params_path).registry.model_name}@champion = version "
           f"{result['champion_version']}")

@@ -5,11 +5,14 @@ Every section forbids unknown keys, so a typo fails loudly with the key's dotted
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.atomic import atomic_file
 
 DEFAULT_PARAMS = Path("params.yaml")
 
@@ -398,6 +401,8 @@ class Profile(Section):
 
 
 ProfileName = Literal["cpu", "full", "gpu"]
+# Paths dvc.yaml declares as stage outputs: DVC reads them from the base sections, so no profile may move them.
+PIPELINE_PATHS = {"dataset": ("synthetic_dir", "dir"), "train": ("model_out", "reports_dir"), "real": ("reports_dir",)}
 
 
 class Params(Section):
@@ -421,6 +426,10 @@ class Params(Section):
     def _profiles_apply(self) -> Params:
         for name, profile in self.profiles.items():
             for section, overrides in profile:
+                moved = [key for key in PIPELINE_PATHS.get(section, ()) if key in overrides]
+                if moved:
+                    raise ValueError(f"profiles.{name}.{section}.{moved[0]}: a profile cannot move a path that "
+                                     "dvc.yaml declares as a stage output; set it in the base section")
                 merged = _deep_merge(getattr(self, section).model_dump(), overrides)
                 try:
                     type(getattr(self, section)).model_validate(merged)
@@ -453,6 +462,22 @@ def resolve_profile(params: Params, name: str | None = None, cuda_available: boo
         data[section] = _deep_merge(data[section], overrides)
     data["profile"] = name
     return Params.model_validate(data)
+
+
+def set_profile(path: Path, name: str) -> None:
+    """Write `profile: name` into the params file at `path`, keeping every other line (and comment) as it is."""
+    if name not in ("auto", *ProfileName.__args__):
+        raise ParamsError(f"unknown profile {name!r}; choose auto, {', '.join(ProfileName.__args__)}")
+    lines = Path(path).read_text().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if re.match(r"profile:\s", line):
+            lines[i] = re.sub(r"^profile:\s*[^\s#]*", f"profile: {name}", line)
+            break
+    else:
+        lines.insert(0, f"profile: {name}\n")
+    parse_params(yaml.safe_load("".join(lines)), Path(path))  # still valid before it replaces the file
+    with atomic_file(path) as staged:
+        staged.write_text("".join(lines))
 
 
 class ParamsError(ValueError):

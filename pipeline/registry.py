@@ -223,17 +223,6 @@ def _champion_version(name: str) -> str | None:
 
 
 @retry_when_locked
-def champion_dataset(name: str) -> str | None:
-    """The content hash of the dataset the current champion was trained on (None: no champion)."""
-    version = _champion_version(name)
-    if version is None:
-        return None
-    client = MlflowClient()
-    run_id = client.get_model_version(name, version).run_id
-    return client.get_run(run_id).data.params.get("dataset.content_hash")
-
-
-@retry_when_locked
 def gate(name: str, version: str, challenger: dict[str, Score],
          champion_scores_on_this_split: Callable[[str], dict[str, Score]], sigmas: float = 2.0) -> GateDecision:
     """Alias the new version `challenger`; make it `champion` only if it loses none of its scores (synthetic

@@ -2,7 +2,8 @@
 Prefect flows run. Each takes the typed params and calls the library modules below it; `infer` is
 `pipeline.infer.infer` (reading lots, batching across them and writing reports is that module's one concern).
 
-generate -> split -> train (fit, score, log to MLflow, register, gate) -> evaluate / evaluate_real -> infer
+generate -> split -> train (fit, score, log to MLflow, register, gate), the dvc.yaml DAG; evaluate and
+evaluate_real score any model by hand; infer reports lots with the champion.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pipeline.versioning import dvc_md5, training_set_version
 from pipeline.wafer import Wafer, WaferError
 
 log = logging.getLogger(__name__)
+
+TRAIN_SUMMARY = "train_summary.json"  # in train.reports_dir: what the last train stage did (run, version, gate)
 
 
 def generate(params: Params, n: int | None = None, out: Path | None = None, seed: int | None = None
@@ -167,7 +170,7 @@ def train(params: Params, dataset_dir: Path, resume: bool = False, out_dir: Path
                    "stopped_early": result.stopped_early, "train_seconds": round(result.state.train_seconds, 1),
                    "train_wafers_per_s": round(result.state.wafers_seen / result.state.train_seconds, 1),
                    **test_metrics, **real_metrics}
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        (out_dir / TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2, default=float))
         return summary
     finally:
         mlflow.end_run()

@@ -12,10 +12,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,41 @@ def _dvc(workspace: Path, *args: str, timeout_s: float = 0.0, command_timeout_s:
             raise VersioningError(f"{workspace.resolve()}: another DVC process holds the repository lock "
                                   f"(`dvc {args[0]}` gave up after {timeout_s:g} s); let it finish and run again")
         raise VersioningError(f"`dvc {' '.join(args)}` failed in {workspace.resolve()}: {_last_lines(output)}")
+
+
+PIPELINE_LOCK = Path("dvc.lock")
+
+
+def _locked_stages(workspace: Path) -> dict:
+    path = workspace / PIPELINE_LOCK
+    return (yaml.safe_load(path.read_text()) or {}).get("stages", {}) if path.is_file() else {}
+
+
+def reproduce(params: DataParams, timeout_s: float, force: Sequence[str] = (), workspace: Path = Path(".")
+              ) -> list[str]:
+    """`dvc repro` of the workspace's dvc.yaml under its DVC lock: DVC runs the stale stages and only those,
+    and records each in dvc.lock. Stages named in `force` run even when up to date (`dvc repro -f -s`).
+    Returns the stages whose dvc.lock entry changed. DVC's and the stages' output goes to this process's console as it comes; a
+    run past timeout_s is stopped with its stage commands."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    commands = [["repro"]] + [["repro", "--force", "--single-item", stage] for stage in force]
+    with dvc_lock(workspace, params.lock_timeout_s):
+        before = _locked_stages(workspace)
+        for args in commands:
+            child = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=workspace, env=env,
+                                     start_new_session=True)  # its own session: a timeout stops all of it
+            try:
+                code = child.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                raise VersioningError(f"`dvc {' '.join(args)}` in {workspace.resolve()} ran past {timeout_s:g} s "
+                                      "and was stopped (flow.train_timeout_s)") from None
+            if code != 0:
+                raise VersioningError(f"`dvc {' '.join(args)}` failed in {workspace.resolve()} (exit {code}); "
+                                      "its output is above")
+        after = _locked_stages(workspace)
+    return [stage for stage in after if after[stage] != before.get(stage)]
 
 
 def _last_lines(text: str, n: int = 3) -> str:

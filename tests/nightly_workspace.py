@@ -1,8 +1,9 @@
-"""A workspace for the nightly flow: git + DVC with a local remote, the project's params.yaml shrunk to a tiny
-profile, a few real-format lots to seed the inbox."""
+"""A workspace for the nightly flow: git + DVC with a local remote, the project's dvc.yaml and the code its
+stages depend on, the project's params.yaml shrunk to a tiny profile, a few real-format lots to seed the inbox."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def nightly_workspace(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     run(root, "git", "init", "-q")
     (root / ".gitignore").write_text((PROJECT / ".gitignore").read_text())
+    shutil.copy(PROJECT / "dvc.yaml", root)
+    shutil.copytree(PROJECT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     run(root, sys.executable, "-m", "dvc", "init", "-q")
     run(root, sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(root / "dvc-remote"))
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())

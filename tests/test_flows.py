@@ -1,5 +1,6 @@
-"""The Prefect flows on a temporary Prefect API: the nightly pipeline end to end on a tiny profile, the
-skip-training path, a retried task, and infer_lots on a 2-worker Dask cluster."""
+"""The Prefect flows on a temporary Prefect API: the nightly pipeline (ingest, `dvc repro`, inference) end to
+end on a tiny profile, a second run where DVC finds everything current, a retried task, a profile switch, and
+infer_lots on a 2-worker Dask cluster."""
 
 import os
 import subprocess
@@ -37,6 +38,9 @@ def test_nightly_ingests_trains_registers_and_reports_every_lot(first_run):
     root, result = first_run
     assert result["workspace"] == {"data": "created", "inbox_seeded_wafers": 9}
     assert result["trained"]["model_version"] == "1" and result["champion_version"] == "1"
+    assert result["stages_run"] == ["generate", "split", "train"]
+    locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    assert locked["train"]["outs"][0]["path"] == "models/fcn8s.pt" and locked["train"]["params"]["params.yaml"]["train"]
     assert result["inferred"] == {"read": 9, "reported": 9, "lots_reported": 3, "quarantined": 0, "skipped": 0}
     assert result["dataset_md5"].endswith(".dir")
     for lot in SEED_LOTS:
@@ -63,7 +67,7 @@ def test_nightly_publishes_a_summary_a_pattern_table_and_report_links(first_run)
     assert "REAL11-00001/report.html" in link
 
 
-def test_a_second_run_without_new_data_skips_training_and_reprocesses_nothing_despite_a_failing_task(
+def test_a_second_run_without_new_data_runs_no_stage_and_reprocesses_nothing_despite_a_failing_task(
         first_run, monkeypatch):
     from flows import nightly as nightly_module
     from pipeline import infer
@@ -82,7 +86,7 @@ def test_a_second_run_without_new_data_skips_training_and_reprocesses_nothing_de
     monkeypatch.chdir(root)
     result = nightly_module.nightly(root / "params.yaml")
     assert len(calls) == 2
-    assert result["trained"] is None and result["champion_version"] == "1"
+    assert result["stages_run"] == [] and result["trained"] is None and result["champion_version"] == "1"
     assert result["inferred"]["reported"] == 0 and result["inferred"]["skipped"] == 9
 
 
@@ -95,9 +99,24 @@ def test_new_labelled_data_is_versioned_and_retrains(first_run, monkeypatch):
     result = nightly(root / "params.yaml")
     assert result["ingested_wafers"] == 6
     assert result["dataset_md5"] != first["dataset_md5"] and result["trained"]["model_version"] == "2"
+    assert result["stages_run"] == ["split", "train"]  # generate's inputs did not change
     log = subprocess.run(["git", "log", "--format=%s", "--", "data.dvc"], cwd=root, capture_output=True,
                          text=True).stdout
     assert "ingest 6 labelled wafers in 2 lots from batch1" in log
+
+
+def test_a_changed_setting_reruns_its_stage_and_everything_after_it(first_run, monkeypatch):
+    from flows.nightly import nightly
+
+    root, _ = first_run
+    monkeypatch.chdir(root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["synth"]["n_wafers"] += 5  # a nightly that skipped an existing synthetic set would miss this
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = nightly(root / "params.yaml")
+    assert result["stages_run"] == ["generate", "split", "train"] and result["trained"]["model_version"] == "3"
+    assert yaml.safe_load((root / "dvc.lock").read_text())["stages"]["generate"]["params"]["params.yaml"][
+        "synth"]["n_wafers"] == params["synth"]["n_wafers"]
 
 
 def test_infer_lots_on_a_dask_cluster_matches_the_default_runner(first_run, tmp_path):

@@ -72,3 +72,24 @@ def test_cli_reports_a_bad_key_and_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["generate", "--params", str(tmp_path / "params.yaml")])
     assert result.exit_code == 2
     assert "unknown key 'train.epoch'" in " ".join(result.output.split())
+
+
+def test_a_profile_may_not_move_a_path_dvc_declares():
+    with pytest.raises(ParamsError, match=r"profiles.gpu.train.model_out: a profile cannot move a path that dvc.yaml"):
+        parse_params({"profiles": {"gpu": {"train": {"model_out": "models/other.pt"}}}}, "p.yaml")
+    assert parse_params({"profiles": {"gpu": {"train": {"checkpoint_dir": "checkpoints/gpu"}}}}, "p.yaml")
+
+
+def test_set_profile_changes_only_the_profile_line(tmp_path):
+    from pipeline.params import set_profile
+
+    path = tmp_path / "params.yaml"
+    original = (REPO / "params.yaml").read_text()
+    path.write_text(original)
+    set_profile(path, "full")
+    assert load_params(path).profile == "full"
+    changed = [(a, b) for a, b in zip(original.splitlines(), path.read_text().splitlines()) if a != b]
+    assert len(changed) == 1 and changed[0][1].startswith("profile: full ") and "#" in changed[0][1]
+    with pytest.raises(ParamsError, match="unknown profile 'huge'"):
+        set_profile(path, "huge")
+    assert load_params(path).profile == "full"

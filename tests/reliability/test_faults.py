@@ -197,7 +197,7 @@ def test_a_mlflow_database_that_stays_locked_gives_a_clear_error(tracking):
     db, reg = tracking
     writer = _lock_database(db, seconds=14)
     with pytest.raises(registry.RegistryError, match=r"stayed locked by another writer through 2 tries"):
-        registry.champion_dataset(reg.model_name)
+        registry.current_champion(reg.model_name)
     writer.join()
 
 

@@ -1,13 +1,15 @@
 """SIGKILL of the nightly flow at each of its steps, then a rerun: nothing lost, everything versioned once.
 
-The child runs the real flow against the session's Prefect API and kills itself (SIGKILL: no cleanup, no
-`finally`) the moment it reaches the step; the rerun is an ordinary nightly run in the same workspace."""
+The child runs the real flow against the session's Prefect API; the moment the step runs, in the flow or in
+a stage command DVC started, every process of the run is killed (SIGKILL: no cleanup, no `finally`). The
+rerun is an ordinary nightly run in the same workspace."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,27 +24,14 @@ from .workloads import PROJECT
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]  # the nightly flow, killed and rerun
 
-KILLED_NIGHTLY = """
-import importlib, os, signal, sys
-from pathlib import Path
-module, name, calls_before = importlib.import_module(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-real, calls = getattr(module, sys.argv[3]), []
+KILL_HOOK = Path(__file__).parent / "kill_hook"  # its sitecustomize kills every process of the run at the step
+NIGHTLY = "import os, sys; from pathlib import Path; from flows.nightly import nightly; os.chdir(sys.argv[1]); " \
+          "nightly(Path('params.yaml'))"
 
-def killed_at_this_step(*args, **kwargs):
-    calls.append(1)
-    if len(calls) > calls_before:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(*args, **kwargs)
-
-setattr(module, name, killed_at_this_step)
-from flows.nightly import nightly
-os.chdir(sys.argv[1])
-nightly(Path("params.yaml"))
-"""
-
-STEPS = {  # the step: (module, function, calls that go through before the kill)
+STEPS = {  # the step: (module, function, calls that go through before the kill); DVC runs the middle two as
+    # `waferseg generate` / `waferseg train` child processes
     "ingest, store written, entries not yet moved": ("pipeline.versioning", "_move_ingested", 0),
-    "synthetic set half written": ("pipeline.dataset", "write_dataset", 0),
+    "synthetic set half generated": ("pipeline.synth", "generate_lot", 6),  # of 12 lots
     "training, at the first checkpoint": ("pipeline.checkpoint", "save_checkpoint", 0),
     "inference, one lot reported": ("pipeline.report", "write_lot_report", 1),
 }
@@ -59,10 +48,13 @@ def test_a_nightly_killed_at_a_step_then_rerun_loses_nothing_and_versions_once(t
     root = nightly_workspace(tmp_path / "ws")
     write_npy_lots(synthetic_wafers(12, n=LABELLED_WAFERS, prefix="LAB"), root / "inbox" / "labelled" / "batch1")
     module, function, calls_before = STEPS[step]
-    child = subprocess.run([sys.executable, "-c", KILLED_NIGHTLY, str(root), module, function, str(calls_before)],
-                           cwd=PROJECT, capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()})
-    assert child.returncode == -9, f"the child was not killed at {step}:\n{child.stderr[-3000:]}"
+    child = subprocess.Popen(
+        [sys.executable, "-c", NIGHTLY, str(root)], cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,  # the flow's own process group: the hook kills it (and DVC's)
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "WAFERSEG_KILL_AT":
+             f"{module}:{function}:{calls_before}", "PYTHONPATH": os.pathsep.join([str(KILL_HOOK), str(PROJECT)])})
+    output, _ = child.communicate(timeout=600)
+    assert child.returncode == -9, f"the child was not killed at {step}:\n{output[-3000:]}"
 
     monkeypatch.chdir(root)
     result = nightly(root / "params.yaml")
