@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import real_eval
+from pipeline import checkpoint, real_eval
 from pipeline.dataset import WaferDataset
 from pipeline.evaluate import evaluate_model, evaluate_real
 from pipeline.params import Params, load_params, resolve_profile
@@ -54,16 +54,21 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save", type=Path, help="write the trained, calibrated model here (checkpoint.save_model)")
+    parser.add_argument("--init", type=Path, help="start from this checkpoint's (best) weights, as a warm start does")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     overrides = json.loads(args.overrides)
     params = with_overrides(resolve_profile(load_params(), args.profile), overrides)
     real = load_real_sets(params.real)
+    initial = checkpoint.model_from(checkpoint.read(args.init, args.init), torch.device("cpu")) if args.init else None
     started = time.perf_counter()
-    result = fit(params, WaferDataset(params.dataset.dir),
+    result = fit(params, WaferDataset(params.dataset.dir), model=initial,
                  real={name: {"train": s["train"], "val": s["val"]} for name, s in real.items()})
     seconds = time.perf_counter() - started
+    if args.save:
+        checkpoint.save_model(args.save, result.model, params)
     dataset = WaferDataset(params.dataset.dir)
     test = [w for w in dataset.wafers("test") if w.mask is not None]
     _, synthetic = evaluate_model(result.model, test, params.infer.batch_wafers, result.device)
@@ -72,6 +77,7 @@ def main() -> None:
     scores = {split: {name: real_eval.headline(s) for name, s in by_set.items()} for split, by_set in full.items()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     record = {"name": args.name, "overrides": overrides, "profile": args.profile, "host": cpu_name(),
+              "init": str(args.init) if args.init else None,
               "threads": args.threads, "fit_seconds": round(seconds, 1), "history": result.state.history,
               "calibration": result.calibration, "synthetic_test_miou": synthetic["miou"], "real": scores,
               "val_details": full["val"]}  # confusions and most-confused sets: tuning reads val only

@@ -326,12 +326,13 @@ class TrainParams(Section):
     partial_weight: float = Field(1.0, ge=0)  # the partial-label die loss of wafers known by their label
     synthetic_per_epoch: int | None = Field(1200, gt=0)  # synthetic train wafers drawn per epoch (None: all)
     warm_start: bool = True  # start from the champion's weights when its architecture matches
+    init_weights: Path | None = None  # without a champion, start from these weights (same architecture check)
     augment: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "bf16"] = "auto"
     channels_last: bool = True
     checkpoint_dir: Path = Path("checkpoints")
-    model_out: Path = Path("models/fcn8s.pt")  # the selected weights, a DVC output `evaluate`/`infer` can use
+    model_out: Path = Path("models/fcn8s.pt")  # the selected weights, a DVC output
     reports_dir: Path = Path("reports/train")
 
 

@@ -62,20 +62,25 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def warm_start(params: Params, device: torch.device) -> tuple[torch.nn.Module | None, str | None]:
-    """The champion's weights when its architecture is the one params.model builds (same layers and shapes),
-    else (None, None): training then starts from scratch."""
+    """The champion's weights (or, with no champion yet, train.init_weights) when their architecture is the one
+    params.model builds (same layers and shapes), else (None, None): training then starts from scratch."""
     champion = registry.current_champion(params.registry.model_name)
-    if champion is None:
+    if champion is not None:
+        uri = f"models:/{params.registry.model_name}/{champion}"
+    elif params.train.init_weights is not None:
+        if not params.train.init_weights.is_file():
+            raise FileNotFoundError(f"{params.train.init_weights}: no such weights file (train.init_weights)")
+        uri = str(params.train.init_weights)
+    else:
         return None, None
-    uri = f"models:/{params.registry.model_name}/{champion}"
     loaded, label = registry.load_model(uri, params.registry, device)
     fresh = build_model(params.model)
     theirs = loaded.state_dict()
     if {k: v.shape for k, v in fresh.state_dict().items()} != {k: v.shape for k, v in theirs.items()}:
-        log.info("warm start: champion %s has another architecture; training from scratch", label)
+        log.info("warm start: %s has another architecture; training from scratch", label)
         return None, None
     fresh.load_state_dict(theirs)
-    log.info("warm start from the champion %s", label)
+    log.info("warm start from %s", label)
     return fresh, label
 
 

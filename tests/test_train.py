@@ -114,6 +114,28 @@ def test_warm_start_loads_the_champions_weights_when_the_architecture_matches(tr
     assert stages.warm_start(wider, torch.device("cpu")) == (None, None)
 
 
+def test_without_a_champion_training_starts_from_the_init_weights(trained, tmp_path, monkeypatch):
+    root, params, _ = trained
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    empty = params.registry.model_copy(update={"tracking_uri": f"sqlite:///{tmp_path / 'empty.db'}"})
+
+    def with_init(init_weights) -> Params:
+        train = params.train.model_copy(update={"init_weights": init_weights})
+        return params.model_copy(update={"registry": empty, "train": train})
+
+    registry.configure(empty)
+    try:
+        warm, label = stages.warm_start(with_init(params.train.model_out), torch.device("cpu"))
+        assert label.startswith(f"checkpoint:{params.train.model_out.name}:")
+        reference = torch.load(params.train.model_out, weights_only=True)["model"]
+        assert all(torch.equal(weight, reference[name]) for name, weight in warm.state_dict().items())
+        assert stages.warm_start(with_init(None), torch.device("cpu")) == (None, None)
+        with pytest.raises(FileNotFoundError, match=r"no.pt: no such weights file \(train.init_weights\)"):
+            stages.warm_start(with_init(tmp_path / "no.pt"), torch.device("cpu"))
+    finally:
+        registry.configure(params.registry)
+
+
 def test_a_model_without_weights_only_checkpoint_loads_only_when_the_user_opts_in(trained, monkeypatch):
     """A `runs:/` URI has no weights-only checkpoint: loading it would unpickle MLflow's model (run its code)."""
     root, params, summary = trained
