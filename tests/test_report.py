@@ -4,6 +4,7 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import report
@@ -153,6 +154,34 @@ def test_quarantine_lists_records_and_is_header_only_when_empty(lot_dir: Path, t
                                               "reason": "map holds values [3] outside {0, 1, 2}"}]
     clean = report.write_lot_report("LOT-B", [], [], [], tmp_path / "out", MODEL, INFER, REPORT)
     assert (clean / "quarantine.csv").read_text() == "lot_id,wafer_id,source,reason\n"
+
+
+def test_csv_files_are_written_as_pandas_writes_them(tmp_path: Path):
+    rows = [{"text": "=1+1", "count": 3, "mean": 12.5, "other": "a,b"},
+            {"text": 'say "hi"\nthere', "count": 0, "mean": float("nan"), "other": "-x"},
+            {"text": "", "count": -4, "mean": 1 / 3, "other": "\tlead"}]
+    columns = ["text", "count", "mean", "other"]
+    report.write_csv(tmp_path / "plain.csv", columns, rows)
+    report.spreadsheet_safe(pd.DataFrame(rows, columns=columns)).to_csv(tmp_path / "pandas.csv", index=False)
+    assert (tmp_path / "plain.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+
+
+def test_wafers_parquet_has_one_schema_for_every_lot(lot_dir: Path, tmp_path: Path):
+    empty = report.write_lot_report("LOT-B", [], [], [], tmp_path / "other", MODEL, INFER, REPORT)
+    schemas = [pq.read_schema(d / "wafers.parquet").remove_metadata() for d in (lot_dir, empty)]
+    assert schemas[0] == schemas[1] == report.WAFER_SCHEMA
+    assert pq.read_table(lot_dir / "wafers.parquet").to_pylist() == pd.read_csv(
+        lot_dir / "wafers.csv", dtype={"wafer_id": str}).to_dict("records")
+
+
+def test_every_file_is_on_disk_before_the_lot_is_published(tmp_path: Path, monkeypatch):
+    synced, published = [], []
+    real_fsync, real_replace = report._fsync, report.replace_directory
+    monkeypatch.setattr(report, "_fsync", lambda path: (real_fsync(path), synced.append(path)))
+    monkeypatch.setattr(report, "replace_directory", lambda built, target: (
+        published.append({p for p in built.rglob("*") if p.is_file()}), real_replace(built, target)))
+    report.write_lot_report(LOT, *_lot()[:2], [], tmp_path / "out", MODEL, INFER, REPORT)
+    assert published[0] == set(synced) and len(synced) == 4 + 6  # 4 masks; 4 tables, the page and the manifest
 
 
 def test_a_page_shows_inputs_without_the_absolute_paths_of_the_machine(tmp_path: Path):
