@@ -567,8 +567,8 @@ def index_row(lot_dir: Path, manifest: dict) -> dict:
     counts = manifest.get("counts", {})
     row = {"lot_id": lot_dir.name, "wafers_read": counts.get("read"), "wafers_reported": counts.get("reported"),
            "quarantined": counts.get("quarantined")}
-    summary = pd.read_csv(lot_dir / "summary.csv")
-    patterns = dict(zip(summary["class"], summary["wafers_with_pattern"]))
+    with open(lot_dir / "summary.csv", encoding="utf-8", newline="") as handle:
+        patterns = {row["class"]: row["wafers_with_pattern"] for row in csv.DictReader(handle)}
     row.update({name: int(patterns.get(name, 0)) for name in DEFECT_NAMES})
     row.update({"model_version": manifest.get("model_version", ""), "generated_at": manifest.get("generated_at", "")})
     return row
