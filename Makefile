@@ -43,9 +43,9 @@ browser:
 run: install
 	$(BIN)/python -m flows.nightly
 
-# The full CPU profile (params.yaml `profiles.full`): every real train wafer each epoch, about an hour on 2 cores;
-# warm-started from the champion, gated like any nightly model. It writes `profile: full` into params.yaml, so
-# DVC reruns the stages and later runs stay on it (`profile: auto` goes back).
+# The full CPU profile (params.yaml `profiles.full`): up to 3,000 real WM-811K wafers per label and every MixedWM38
+# map each epoch, about an hour on 2 cores; warm-started from the champion, gated like any nightly model. It writes
+# `profile: full` into params.yaml, so DVC reruns the stages and later runs stay on it (`profile: auto` goes back).
 train-full: install
 	$(BIN)/python -m flows.nightly --profile full
 

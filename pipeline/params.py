@@ -326,7 +326,7 @@ class TrainParams(Section):
     partial_weight: float = Field(1.0, ge=0)  # the partial-label die loss of wafers known by their label
     synthetic_per_epoch: int | None = Field(1200, gt=0)  # synthetic train wafers drawn per epoch (None: all)
     warm_start: bool = True  # start from the champion's weights when its architecture matches
-    init_weights: Path | None = None  # without a champion, start from these weights (same architecture check)
+    init_weights: Path | None = Path("pretrained/fcn8s-cpu-full.pt")  # without a champion, start from these (None: scratch)
     augment: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "off", "bf16"] = "auto"

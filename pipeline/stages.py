@@ -69,7 +69,8 @@ def warm_start(params: Params, device: torch.device) -> tuple[torch.nn.Module | 
         uri = f"models:/{params.registry.model_name}/{champion}"
     elif params.train.init_weights is not None:
         if not params.train.init_weights.is_file():
-            raise FileNotFoundError(f"{params.train.init_weights}: no such weights file (train.init_weights)")
+            raise FileNotFoundError(f"{params.train.init_weights}: no such weights file "
+                                    "(train.init_weights; null starts from scratch)")
         uri = str(params.train.init_weights)
     else:
         return None, None

@@ -201,9 +201,11 @@ def fit(
     model: torch.nn.Module | None = None,
     real: realdata.RealWafers | None = None,
 ) -> TrainResult:
-    """Train params.model (or `model`, built or warm-started by the caller) on the dataset's train split and
-    the real train splits in `real`, selecting the epoch with the best val score (selection_score); then
-    calibrate the wafer-level decision on the whole real val (patterns.calibrate_offsets)."""
+    """Train params.model (or `model`, warm-started by the caller) on the dataset's train split and the real
+    train splits in `real`, selecting the epoch with the best val score (selection_score); then calibrate the
+    wafer-level decision on the whole real val (patterns.calibrate_offsets). A warm start's own weights are
+    scored first as epoch 0: training keeps them unless an epoch beats them on val."""
+    warm = model is not None
     tp = params.train
     group, device = distributed.join(select_device(tp.device))
     amp = use_amp(tp, device)
@@ -234,6 +236,10 @@ def fit(
         log.info("resumed from %s after epoch %d", last, state.epoch)
     elif resume:
         log.warning("--resume: no checkpoint at %s, starting from scratch", last)
+    if warm and state.epoch == 0:
+        start = validation_record(model, val_wafers, real_val, params, device, amp)["val_score"]
+        state.best_score, state.best_weights = start, _weights_of(model)
+        log.info("epoch 0 (the warm start's weights): val score %.4f", start)
     network = distributed.wrap(model, group, device)  # the module that trains; `model` holds its weights
     if on_start and group.is_main:
         on_start(state)
@@ -284,7 +290,7 @@ def fit(
             state.history.append(record)
             if record["val_score"] > state.best_score:
                 state.best_score, state.best_epoch, state.epochs_since_best = record["val_score"], epoch, 0
-                state.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                state.best_weights = _weights_of(model)
             else:
                 state.epochs_since_best += 1
             progress.update(task, score=record["val_score"])
@@ -300,6 +306,10 @@ def fit(
     if real:
         calibration = calibrate(model, {name: splits["val"] for name, splits in real.items()}, params, device, amp)
     return TrainResult(model, state, device, amp, stopped_early, calibration)
+
+
+def _weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def _val_subset(wafers: list[Wafer], size: int | None, seed: int) -> list[Wafer]:

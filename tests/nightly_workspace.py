@@ -29,6 +29,7 @@ def nightly_workspace(root: Path) -> Path:
     (root / ".gitignore").write_text((PROJECT / ".gitignore").read_text())
     shutil.copy(PROJECT / "dvc.yaml", root)
     shutil.copytree(PROJECT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PROJECT / "pretrained", root / "pretrained")  # a train dep (train.init_weights)
     run(root, sys.executable, "-m", "dvc", "init", "-q")
     run(root, sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(root / "dvc-remote"))
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())

@@ -13,10 +13,11 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline import registry, stages, synth
+from pipeline import train as train_module
 from pipeline.checkpoint import model_from
 from pipeline.dataset import WaferDataset, write_dataset
 from pipeline.params import Params, parse_params
-from pipeline.model import FCN, encode_maps
+from pipeline.model import FCN, build_model, encode_maps
 from pipeline.registry import Score
 from pipeline.train import fit
 from pipeline.wafer import WaferError
@@ -130,7 +131,7 @@ def test_without_a_champion_training_starts_from_the_init_weights(trained, tmp_p
         reference = torch.load(params.train.model_out, weights_only=True)["model"]
         assert all(torch.equal(weight, reference[name]) for name, weight in warm.state_dict().items())
         assert stages.warm_start(with_init(None), torch.device("cpu")) == (None, None)
-        with pytest.raises(FileNotFoundError, match=r"no.pt: no such weights file \(train.init_weights\)"):
+        with pytest.raises(FileNotFoundError, match=r"no.pt: no such weights file \(train.init_weights; null starts from scratch\)"):
             stages.warm_start(with_init(tmp_path / "no.pt"), torch.device("cpu"))
     finally:
         registry.configure(params.registry)
@@ -174,6 +175,27 @@ def test_resume_reproduces_the_uninterrupted_run(tiny):
     with pytest.raises(ValueError, match=r"last.pt: cannot resume: the checkpoint was trained with other train"):
         fit(changed, dataset, resume=True)
     assert not list((root / "resumed").glob("*.tmp")), "a staging file was left beside the checkpoint"
+
+
+def test_a_warm_start_keeps_its_own_weights_unless_an_epoch_beats_them_on_val(tiny, monkeypatch):
+    root, params = tiny
+    dataset = WaferDataset(params.dataset.dir)
+    start = build_model(params.model)
+    initial = {name: weight.clone() for name, weight in start.state_dict().items()}
+    scores = iter([0.9, 0.2, 0.95])  # epoch 0 (the warm start), epoch 1 (worse), epoch 2 (better)
+    original = train_module.validation_record
+
+    def scripted(*args, **kwargs):
+        return {**original(*args, **kwargs), "val_score": next(scores)}
+
+    monkeypatch.setattr(train_module, "validation_record", scripted)
+    kept = fit(_with_train(params, root, "warm-kept", epochs=1), dataset, model=start)
+    assert kept.state.best_epoch == 0 and kept.state.best_score == 0.9
+    for name, weight in kept.model.state_dict().items():
+        assert torch.equal(weight, initial[name]), name
+    scores = iter([0.9, 0.95])
+    beaten = fit(_with_train(params, root, "warm-beaten", epochs=1), dataset, model=build_model(params.model))
+    assert beaten.state.best_epoch == 1 and beaten.state.best_score == 0.95
 
 
 def _scores(miou: float, wm811k: float, mixed: float) -> dict[str, Score]:

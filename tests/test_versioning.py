@@ -158,6 +158,7 @@ def pipeline_repo(tmp_path_factory):
     root.mkdir()
     shutil.copy(PROJECT / "dvc.yaml", root)
     shutil.copytree(PROJECT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PROJECT / "pretrained", root / "pretrained")  # a train dep (train.init_weights)
     params = yaml.safe_load((PROJECT / "params.yaml").read_text())
     params["synth"].update(n_wafers=60, wafers_per_lot=5)
     params["model"]["width"] = 0.0625
