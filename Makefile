@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 # The ephemeral Prefect server's telemetry heartbeat races the flow for its SQLite file ("database is locked"
 # tracebacks in the log, nothing lost); a local batch job has no reason to phone home.
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# The ephemeral server's first start on a fresh venv compiles its modules (pip installs with --no-compile below):
+# on a 2-core host that overran Prefect's 20 s startup limit once (2026-12-06); later starts take about 13 s.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # This machine's pip config lists local indexes; it warns once per package for the ones it skips.
 QUIET_PIP := { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 # pip byte-compiles every installed module (torch, mlflow, prefect, dvc: 208 s of a 2-core install against 127 s
