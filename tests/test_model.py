@@ -22,7 +22,8 @@ from pipeline.model import (
     pad_to_stride,
     upsample,
 )
-from pipeline.params import ModelParams, Params, parse_params
+from pipeline.device import use_amp
+from pipeline.params import ModelParams, Params, TrainParams, parse_params
 
 SMALL = 0.0625  # 4-8-16-32-32 channels, fc 256: fast, same layer sequence
 ARCHS = ("fcn8s", "fcn16s", "fcn32s")
@@ -177,13 +178,16 @@ def test_building_never_downloads_weights(monkeypatch: pytest.MonkeyPatch) -> No
         build_model(ModelParams(arch=arch, width=SMALL))
 
 
-def test_training_on_cpu_never_uses_bf16_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
-    for native_bf16 in (False, True):
+def test_cpu_training_uses_bf16_autocast_only_on_amx_and_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    for native_bf16, amx in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda native_bf16=native_bf16: native_bf16)
-        assert not bf16_allowed("cpu", training=True)
+        monkeypatch.setattr(model_module, "cpu_has_amx", lambda amx=amx: amx)
+        assert bf16_allowed("cpu", training=True) is amx
         assert bf16_allowed("cpu", training=False) is native_bf16
         with autocast_context("cpu", training=True):
-            assert not torch.is_autocast_enabled("cpu")
+            assert torch.is_autocast_enabled("cpu") is amx
+    cpu = torch.device("cpu")
+    assert not use_amp(TrainParams(amp="auto"), cpu) and use_amp(TrainParams(amp="bf16"), cpu)
     with autocast_context("cpu", training=False, enabled=False):
         assert not torch.is_autocast_enabled("cpu")
 

@@ -73,10 +73,11 @@ def test_bf16_channels_last_inference_agrees_with_fp32(model, wafers) -> None:
 @amx
 def test_bf16_training_on_amx_follows_fp32(model, wafers) -> None:
     """`train.amp` bf16 on an AMX CPU through autocast_context: same predictions, same gradient direction."""
-    from pipeline.predict import model_input, training_batch
+    from pipeline.predict import model_input
+    from pipeline.train import dataset_example, training_batch
 
     sized = [w for w in wafers if w.shape[0] <= 64 and w.shape[1] <= 64][:16]
-    maps, targets = training_batch(sized)
+    maps, targets, _, _ = training_batch([dataset_example(w) for w in sized])
     grads, predictions = [], []
     for amp in (False, True):
         net = FCN("fcn8s", WIDTH).eval()  # eval: no dropout, so both runs see the same function
