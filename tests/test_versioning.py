@@ -15,11 +15,10 @@ from pipeline import io, synth, versioning
 from pipeline.dataset import WaferDataset
 from pipeline.params import parse_params
 from tests.dvc_repo import dvc as _dvc, dvc_repo, git as _git
-from tests.real_fixture import tiny_real
+from tests.nightly_workspace import tiny_project
 from pipeline.versioning import (STORE_README, VersioningError, dvc_lock, dvc_md5, ingest, restore_data,
                                  version_data)
 
-PROJECT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow  # git and DVC subprocesses
 
@@ -155,20 +154,9 @@ def test_a_fresh_clone_restores_the_empty_store_but_never_invents_a_missing_vers
 def pipeline_repo(tmp_path_factory):
     """The project's dvc.yaml and a tiny params.yaml in a fresh git work tree, reproduced once."""
     root = tmp_path_factory.mktemp("dvcrepro") / "project"
-    root.mkdir()
-    shutil.copy(PROJECT / "dvc.yaml", root)
-    shutil.copytree(PROJECT / "pipeline", root / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(PROJECT / "pretrained", root / "pretrained")  # a train dep (train.init_weights)
-    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
-    params["synth"].update(n_wafers=60, wafers_per_lot=5)
-    params["model"]["width"] = 0.0625
-    params["train"].update(epochs=1, batch_wafers=16, device="cpu")
-    params["registry"]["system_metrics"] = False
+    params = tiny_project(root)
     params["preview"]["n_wafers"] = 2
-    params["real"] = tiny_real(root / "real_data", wafers=40, relative_to=root)
-    params["patterns"].update(offset_grid=[-2.0, 2.0, 5], calibration_rounds=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / ".gitignore").write_text((PROJECT / ".gitignore").read_text())
     _git(root, "init", "-q")
     _dvc(root, "init", "-q")
     _dvc(root, "remote", "add", "-d", "local", str(root.parent / "remote"))
