@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from pipeline import checkpoint, real_eval
 from pipeline.dataset import WaferDataset
 from pipeline.evaluate import evaluate_model, evaluate_real
+from pipeline.device import cpu_name
 from pipeline.params import Params, load_params, resolve_profile
 from pipeline.realdata import load_real_sets
 from pipeline.train import fit
@@ -39,13 +39,6 @@ def with_overrides(params: Params, overrides: dict) -> Params:
             node = node[part]
         node[key] = value
     return Params.model_validate(data)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import glob
 import logging
 import os
 import secrets
@@ -59,7 +58,22 @@ def staging_directory(target: Path) -> Path:
 
 
 def _siblings(target: Path, prefix: str) -> list[Path]:
-    return sorted(target.parent.glob(f"{prefix}{glob.escape(target.name)}-{'?' * 8}"))  # mkdtemp/token: 8 chars
+    """`prefix<name>-XXXXXXXX` beside target (mkdtemp and token_hex(4) both add 8 characters)."""
+    lead = f"{prefix}{target.name}-"
+    if not target.parent.is_dir():
+        return []
+    with os.scandir(target.parent) as entries:
+        return sorted(Path(e.path) for e in entries if e.name.startswith(lead) and len(e.name) == len(lead) + 8)
+
+
+def targets_with_leftovers(parent: Path) -> set[str]:
+    """Names in `parent` that have staging or aside siblings: the only ones recover_directory has work for
+    (one listing of `parent` instead of one per target)."""
+    if not parent.is_dir():
+        return set()
+    with os.scandir(parent) as entries:
+        return {e.name[len(prefix):-9] for e in entries for prefix in (STAGING_PREFIX, ASIDE_PREFIX)
+                if e.name.startswith(prefix) and len(e.name) > len(prefix) + 9 and e.name[-9] == "-"}
 
 
 def recover_directory(target: Path) -> None:

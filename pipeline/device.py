@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
 from pipeline.params import TrainParams
@@ -19,3 +22,14 @@ def select_device(name: str) -> torch.device:
 def use_amp(params: TrainParams, device: torch.device) -> bool:
     """'auto' means bf16 autocast on CUDA only; see model.autocast_context for why CPU training stays fp32."""
     return params.amp == "bf16" or (params.amp == "auto" and device.type == "cuda")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), recorded beside every speed figure."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

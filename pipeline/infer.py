@@ -6,6 +6,7 @@ batches that span many lots (bucketed by padded size), and a writer thread rende
 
 from __future__ import annotations
 
+import csv
 import logging
 import queue
 import shutil
@@ -174,13 +175,57 @@ def _write_unassigned(out: Path, rejected: list[Rejected]) -> None:
     """Add this run's lot-less rejects to OUT/quarantine.csv, each row once, under the file's lock: runs at
     once on one OUT (infer_lots groups, two nightlies) keep each other's rows. Replaced atomically."""
     target = out / UNASSIGNED_QUARANTINE
+    columns = report.QUARANTINE_COLUMNS
     with hold_lock(out / LOCKS_DIR / f"{UNASSIGNED_QUARANTINE}.lock", QUARANTINE_LOCK_TIMEOUT_S):
-        kept = pd.read_csv(target, dtype=str, keep_default_na=False) if target.is_file() else None
-        rows = pd.DataFrame([r.__dict__ for r in rejected], columns=report.QUARANTINE_COLUMNS, dtype=object)
-        new = report.spreadsheet_safe(rows.fillna("").astype(str))
-        frame = new if kept is None else pd.concat([kept, new], ignore_index=True).drop_duplicates()
+        kept = []
+        if target.is_file():
+            with open(target, encoding="utf-8", newline="") as handle:
+                kept = [tuple(row[c] for c in columns) for row in csv.DictReader(handle)]
+        new = [tuple(report.spreadsheet_cell("" if getattr(r, c) is None else str(getattr(r, c))) for c in columns)
+               for r in rejected]
         with atomic_file(target) as staging:
-            frame.to_csv(staging, index=False)
+            report.write_csv(staging, columns, [dict(zip(columns, row)) for row in dict.fromkeys(kept + new)])
+
+
+class LotWriter:
+    """Lot reports built on one thread and published on another (each waits for its files to be on disk,
+    renames its directory into place and releases the lot's lock), so the disk's sync of one lot overlaps
+    building the next. A failed report stops the run at the next raise_failures rather than being lost."""
+
+    def __init__(self) -> None:
+        self.builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="waferseg-writer")
+        self.publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="waferseg-publisher")
+        self.pending: list[Future] = []  # of the builder: each gives its lot's publish future
+
+    def __enter__(self) -> LotWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.builder.shutdown(wait=True)
+        self.publisher.shutdown(wait=True)
+
+    def submit(self, lock: TextIO, *args) -> None:
+        """Report a lot (report.build_lot_report's arguments) held by `lock`, released once it is published."""
+        self.pending.append(self.builder.submit(self._build, lock, *args))
+
+    def _build(self, lock: TextIO, *args) -> Future:
+        try:
+            build = report.build_lot_report(*args)
+        except BaseException:
+            release(lock)
+            raise
+        published = self.publisher.submit(build.publish)
+        published.add_done_callback(lambda _: release(lock))
+        return published
+
+    def raise_failures(self, wait: bool = False) -> None:
+        """Raise the first failed report among those finished (all of them, waiting, with `wait`)."""
+        for built in list(self.pending):
+            if wait or built.done():
+                published = built.result()
+                if wait or published.done():
+                    published.result()
+                    self.pending.remove(built)
 
 
 def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: str | None = None, force: bool = False,
@@ -199,7 +244,6 @@ def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: s
     out.mkdir(parents=True, exist_ok=True)
     summary = InferSummary(version)
     unassigned: list[Rejected] = []
-    pending: list[Future] = []
 
     def lot_done(lot: Lot, reported: bool) -> None:
         summary.read += lot.n_read
@@ -213,21 +257,24 @@ def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: s
             summary.lots_skipped += 1
 
     lots = group_lots(read_ahead(_read_sources(sources, params.infer.wafer_table_lot_wafers, named), params.infer.read_ahead_wafers), unassigned)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="waferseg-writer") as writer, Progress(
+    with LotWriter() as writer, Progress(
         TextColumn("inferring"), BarColumn(), MofNCompleteColumn(), TextColumn("lots"), TimeElapsedColumn()
     ) as progress:
         task = progress.add_task("lots", total=None)
         for chunk in chunks_of_lots(lots, params.infer.chunk_wafers):
             todo = []
+            stale = report.lots_with_stale_builds(out)  # listed once a chunk, not once a lot
             for lot in chunk:
                 lock = claim_lot(out, lot.lot_id)
                 if lock is None:
                     log.info("lot %s is being reported by another run: left to it", lot.lot_id)
                     summary.lots_left_to_others += 1
                     lot_done(lot, reported=False)
-                elif force or not report.lot_is_current(out, lot.lot_id, version,
-                                                         report.inputs_fingerprint(lot.wafers, lot.rejected)):
+                    continue
+                if lot.lot_id in stale:  # first: a report a killed writer left aside may be current
                     report.remove_stale_builds(out, lot.lot_id)
+                if force or not report.lot_is_current(out, lot.lot_id, version,
+                                                      report.inputs_fingerprint(lot.wafers, lot.rejected)):
                     todo.append((lot, lock))
                 else:
                     release(lock)
@@ -244,17 +291,12 @@ def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: s
             for lot, lock in todo:
                 masks = predictions[position : position + len(lot.wafers)]
                 position += len(lot.wafers)
-                written = writer.submit(report.write_lot_report, lot.lot_id, lot.wafers, masks,
-                                        lot.rejected, out, version, params.infer, params.report)
-                written.add_done_callback(lambda _, lock=lock: release(lock))
-                pending.append(written)
+                writer.submit(lock, lot.lot_id, lot.wafers, masks, lot.rejected, out, version, params.infer,
+                              params.report)
                 lot_done(lot, reported=True)
-            for future in [f for f in pending if f.done()]:
-                future.result()  # a failed write stops the run rather than being lost
-                pending.remove(future)
+            writer.raise_failures()
             progress.update(task, advance=len(chunk))
-        for future in pending:
-            future.result()
+        writer.raise_failures(wait=True)
     summary.read += len(unassigned)
     summary.quarantined += len(unassigned)
     if unassigned or index:
@@ -274,12 +316,15 @@ def lot_pattern_counts(out: Path, lot_ids: Iterable[str] | None = None) -> pd.Da
     (never another run's staging directory, which a glob of `out/*` would match and which vanishes)."""
     lot_dirs = [lot_dir for lot_dir, _ in report.complete_lots(out)] if lot_ids is None else [
         out / lot for lot in lot_ids]
-    paths = [lot_dir / report.WAFERS_CSV for lot_dir in lot_dirs]
-    frames = [pd.read_csv(path, usecols=["lot_id", "dominant_class"], dtype=str) for path in paths if path.is_file()]
+    rows = []
+    for path in [lot_dir / report.WAFERS_CSV for lot_dir in lot_dirs]:
+        if path.is_file():  # csv, not pandas: a nightly's index over thousands of small lots
+            with open(path, encoding="utf-8", newline="") as handle:
+                rows += [(row["lot_id"], row["dominant_class"]) for row in csv.DictReader(handle)]
     patterns = [*CLASS_NAMES[1:], report.NO_PATTERN]
-    if not frames:
+    if not rows:
         return pd.DataFrame(columns=["wafers", *patterns], dtype="int64").rename_axis("lot_id")
-    wafers = pd.concat(frames)
+    wafers = pd.DataFrame(rows, columns=["lot_id", "dominant_class"])
     table = pd.crosstab(wafers["lot_id"], wafers["dominant_class"]).reindex(columns=patterns, fill_value=0)
     table.insert(0, "wafers", table.sum(axis=1))
     return table

@@ -69,7 +69,8 @@ def batch_logits(
     channels_last: bool,
 ) -> torch.Tensor:
     with autocast_context(device, training=False, enabled=amp):
-        return model(model_input(maps, device, channels_last)).float()
+        # contiguous: the decision reduces over dies, 1.5x slower on channels_last strides
+        return model(model_input(maps, device, channels_last)).float().contiguous()
 
 
 @torch.inference_mode()

@@ -27,26 +27,38 @@ def _rgb(hex_colour: str) -> np.ndarray:
     return np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)], dtype=np.uint8)
 
 
-def colour_dies(wafer_map: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """RGB image (H, W, 3): off-wafer white, pass light grey, fail dark grey, pattern classes coloured."""
-    image = np.empty((*wafer_map.shape, 3), dtype=np.uint8)
-    image[:] = _rgb(OFF_COLOUR)
-    image[wafer_map == PASS] = _rgb(PASS_COLOUR)
-    image[wafer_map == FAIL] = _rgb(FAIL_COLOUR)
+# One palette for every drawing: off-wafer (also the gutter between dies), pass, fail, then the classes.
+PALETTE = np.stack([_rgb(c) for c in (OFF_COLOUR, PASS_COLOUR, FAIL_COLOUR, *CLASS_COLOURS.values())])
+WHITE = 0
+CLASS_INDEX_OFFSET = 2  # class c is palette index 2 + c
+
+
+def die_colours(wafer_map: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Palette indices (H, W) of the dies: off-wafer white, pass light grey, fail dark grey, pattern classes
+    coloured (a class on an off-wafer die is not drawn)."""
+    colours = np.zeros(wafer_map.shape, dtype=np.uint8)
+    colours[wafer_map == PASS] = 1
+    colours[wafer_map == FAIL] = 2
     if mask is not None:
-        for class_id, colour in CLASS_COLOURS.items():
-            image[(mask == class_id) & (wafer_map != 0)] = _rgb(colour)
-    return image
+        drawn = np.isin(mask, list(CLASS_COLOURS)) & (wafer_map != 0)
+        colours[drawn] = mask[drawn] + CLASS_INDEX_OFFSET
+    return colours
 
 
-def upscale_dies(image: np.ndarray, die_px: int = 6, gap_px: int = 1) -> np.ndarray:
-    """Draw each die as a die_px square with a white gutter, so a map reads as a die grid."""
+def colour_dies(wafer_map: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """RGB image (H, W, 3) of die_colours."""
+    return PALETTE[die_colours(wafer_map, mask)]
+
+
+def upscale_dies(image: np.ndarray, die_px: int = 6, gap_px: int = 1, gutter: int = 255) -> np.ndarray:
+    """Draw each die as a die_px square with a `gutter` (white in RGB) border, so a map reads as a die grid;
+    `image` is RGB (H, W, 3) or palette indices (H, W)."""
     big = np.repeat(np.repeat(image, die_px, axis=0), die_px, axis=1)
     if gap_px:
         rows = np.arange(big.shape[0]) % die_px >= die_px - gap_px
         cols = np.arange(big.shape[1]) % die_px >= die_px - gap_px
-        big[rows] = 255
-        big[:, cols] = 255
+        big[rows] = gutter
+        big[:, cols] = gutter
     return big
 
 

@@ -1,5 +1,6 @@
 """Batch inference end to end: every source kind, quarantine, skip/--force, crash safety, the CLI."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -152,17 +153,17 @@ def test_a_lot_whose_inputs_changed_is_reported_again(setup, tmp_path):
 def test_a_crash_mid_run_leaves_no_complete_looking_report(setup, tmp_path, monkeypatch):
     root, params, model, wafers = setup
     io.write_die_table(wafers, tmp_path / "dies.parquet")
-    real_build = report._build_lot
+    real_write = report.write_durably
     calls = []
 
-    def crash_on_third_lot(directory, lot_id, *args, **kwargs):
-        calls.append(lot_id)
+    def crash_on_third_lot(directory, files):
+        calls.append(json.loads(files[report.MANIFEST_FILE])["lot_id"])
         if len(calls) == 3:
             (directory / "wafers.csv").write_text("half")
             raise RuntimeError("power cut")
-        return real_build(directory, lot_id, *args, **kwargs)
+        return real_write(directory, files)
 
-    monkeypatch.setattr(report, "_build_lot", crash_on_third_lot)
+    monkeypatch.setattr(report, "write_durably", crash_on_third_lot)
     with pytest.raises(RuntimeError, match="power cut"):
         infer(tmp_path / "dies.parquet", tmp_path / "out", params, model_uri=model)
     out = tmp_path / "out"

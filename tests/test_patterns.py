@@ -45,6 +45,22 @@ def test_presence_pools_only_failing_dies_between_mean_and_max():
     assert pooled[1].max().item() < -100  # no failing die: nothing present
 
 
+def test_presence_is_the_log_mean_exp_of_the_failing_dies_with_finite_gradients():
+    rng = np.random.default_rng(1)
+    maps = torch.from_numpy(rng.choice([OFF_WAFER, 1, FAIL], size=(8, 10, 10), p=[0.2, 0.6, 0.2]).astype(np.uint8))
+    maps[0] = 1  # no failing die
+    logits = _logits(rng.normal(0.0, 30.0, size=(8, 4, 10, 10))).requires_grad_()  # margins far apart
+    pooled = presence_logits(logits, maps == FAIL, sharpness=4.0)
+    margins = (logits[:, 1:] - logits[:, :1]).flatten(2) * 4.0
+    fail = (maps == FAIL).flatten(1)
+    for n in range(1, 8):
+        expected = torch.logsumexp(margins[n][:, fail[n]], dim=-1) - np.log(fail[n].sum().item())
+        assert torch.allclose(pooled[n], expected / 4.0, rtol=1e-5, atol=1e-5)
+    assert (pooled[0] < -100).all()
+    pooled.sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0].abs().sum() == 0
+
+
 def test_decided_masks_carry_exactly_the_present_classes():
     rng = np.random.default_rng(0)
     maps = torch.from_numpy(rng.choice([OFF_WAFER, 1, FAIL], size=(64, 12, 12), p=[0.1, 0.5, 0.4]).astype(np.uint8))

@@ -162,7 +162,10 @@ def test_csv_files_are_written_as_pandas_writes_them(tmp_path: Path):
             {"text": "", "count": -4, "mean": 1 / 3, "other": "\tlead"}]
     columns = ["text", "count", "mean", "other"]
     report.write_csv(tmp_path / "plain.csv", columns, rows)
-    report.spreadsheet_safe(pd.DataFrame(rows, columns=columns)).to_csv(tmp_path / "pandas.csv", index=False)
+    frame = pd.DataFrame(rows, columns=columns)
+    text = [name for name in columns if not pd.api.types.is_numeric_dtype(frame[name])]
+    frame.assign(**{name: frame[name].map(report.spreadsheet_cell) for name in text}).to_csv(
+        tmp_path / "pandas.csv", index=False)
     assert (tmp_path / "plain.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
 
 
@@ -176,8 +179,8 @@ def test_wafers_parquet_has_one_schema_for_every_lot(lot_dir: Path, tmp_path: Pa
 
 def test_every_file_is_on_disk_before_the_lot_is_published(tmp_path: Path, monkeypatch):
     synced, published = [], []
-    real_fsync, real_replace = report._fsync, report.replace_directory
-    monkeypatch.setattr(report, "_fsync", lambda path: (real_fsync(path), synced.append(path)))
+    real_write, real_replace = report._write_synced, report.replace_directory
+    monkeypatch.setattr(report, "_write_synced", lambda path, data: (real_write(path, data), synced.append(path)))
     monkeypatch.setattr(report, "replace_directory", lambda built, target: (
         published.append({p for p in built.rglob("*") if p.is_file()}), real_replace(built, target)))
     report.write_lot_report(LOT, *_lot()[:2], [], tmp_path / "out", MODEL, INFER, REPORT)
@@ -315,3 +318,24 @@ def test_report_renders_in_a_real_browser(lot_dir: Path, tmp_path: Path):
         assert index.evaluate("document.body.dataset.ready") == "1"
         assert index.evaluate("[...document.links].map(a => a.getAttribute('href'))") == ["LOT-A/report.html"]
         assert index.problems().errors() == []
+
+
+def test_a_wafer_image_is_a_palette_png_with_the_pixels_of_the_rgb_drawing():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from pipeline import viz
+
+    wafer, mask = _ring_and_circle()
+    wafer_map, mask = wafer.map.copy(), mask.copy()
+    wafer_map[4, 4] = 2  # a failing die of no pattern
+    mask[7, 2:5], mask[9, 3] = SCRATCH, LOCAL_ZONE  # on pass dies: drawn in the class colour
+    mask[wafer_map == 0] = RING  # a class on an off-wafer die is not drawn
+    uri = report.wafer_image(validate_wafer(LOT, "w", wafer_map), mask, REPORT)
+    image = Image.open(io.BytesIO(base64.b64decode(uri.removeprefix("data:image/png;base64,"))))
+    assert image.mode == "P"
+    expected = viz.upscale_dies(viz.colour_dies(wafer_map, mask), REPORT.die_px, REPORT.gap_px)
+    assert np.array_equal(np.asarray(image.convert("RGB")), expected)
+    assert {tuple(c) for c in expected.reshape(-1, 3)} >= {tuple(viz.PALETTE[i]) for i in range(7)}

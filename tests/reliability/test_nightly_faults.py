@@ -33,7 +33,7 @@ STEPS = {  # the step: (module, function, calls that go through before the kill)
     "ingest, store written, entries not yet moved": ("pipeline.versioning", "_move_ingested", 0),
     "synthetic set half generated": ("pipeline.synth", "generate_lot", 6),  # of 12 lots
     "training, at the first checkpoint": ("pipeline.checkpoint", "save_checkpoint", 0),
-    "inference, one lot reported": ("pipeline.report", "write_lot_report", 1),
+    "inference, one lot built": ("pipeline.report", "build_lot_report", 1),
 }
 LABELLED_WAFERS = 6
 
