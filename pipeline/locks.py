@@ -27,8 +27,11 @@ class LockHeld(RuntimeError):
 
 def try_lock(path: Path) -> TextIO | None:
     """The open, locked lock file, or None at once when another process holds it. Close it to release."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("a+")
+    try:
+        handle = path.open("a+")
+    except FileNotFoundError:  # the first lock of its folder
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

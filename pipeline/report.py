@@ -115,9 +115,14 @@ def region_stats(mask: np.ndarray, wafer_map: np.ndarray) -> dict[str, int]:
     """Per defect class: `regions_<class>`, its 8-connected regions, and `largest_<class>`, the
     largest region's die count (0 when the class is absent)."""
     stats: dict[str, int] = {}
+    on_wafer = wafer_map != OFF_WAFER
+    dies = np.bincount(mask[on_wafer].ravel(), minlength=len(CLASS_NAMES))
     for class_id in DEFECT_CLASSES:
         name = CLASS_NAMES[class_id]
-        labels, regions = label((mask == class_id) & (wafer_map != OFF_WAFER), connectivity=2, return_num=True)
+        if not dies[class_id]:  # most wafers carry one or two classes: label only those
+            stats[f"regions_{name}"] = stats[f"largest_{name}"] = 0
+            continue
+        labels, regions = label((mask == class_id) & on_wafer, connectivity=2, return_num=True)
         stats[f"regions_{name}"] = int(regions)
         stats[f"largest_{name}"] = int(np.bincount(labels.ravel())[1:].max()) if regions else 0
     return stats
@@ -280,13 +285,14 @@ def html_table(columns: Sequence[str], rows: Sequence[dict], text_columns: Seque
         cells = []
         for column in columns:
             value = record[column]
-            shown = "" if pd.isna(value) else (f"{value:.1f}" if isinstance(value, float) else str(value))
+            missing = value is None or (isinstance(value, float) and value != value)
+            shown = "" if missing else (f"{value:.1f}" if isinstance(value, float) else str(value))
             if column in links:
                 shown = f'<a href="{_e(links[column].format(value=quote(str(value))))}">{_e(shown)}</a>'
             else:
                 shown = _e(shown)
             css = ' class="text"' if column in text_columns else ""
-            sort_key = "" if pd.isna(value) else value
+            sort_key = "" if missing else value
             cells.append(f'<td{css} data-sort="{_e(sort_key)}">{shown}</td>')
         body.append(f"<tr>{''.join(cells)}</tr>")
     css = ' class="sortable"' if sortable else ""

@@ -209,3 +209,18 @@ def test_the_class_mix_counts_complete_reports_only(setup, tmp_path):
     counts = infer_module.lot_pattern_counts(out)
     assert sorted(counts.index) == sorted({w.lot_id for w in wafers} - {first_lot})
     assert counts["wafers"].sum() == summary.reported - 3
+
+
+def test_the_model_leaves_a_core_to_the_reader_and_writer_threads_and_gives_it_back():
+    import os
+
+    import torch
+
+    from pipeline.infer import model_threads
+
+    before = torch.get_num_threads()
+    with model_threads(None, torch.device("cpu")):
+        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+    with model_threads(3, torch.device("cpu")):
+        assert torch.get_num_threads() == 3
+    assert torch.get_num_threads() == before
