@@ -230,18 +230,31 @@ class LotWriter:
                     self.pending.remove(built)
 
 
+_THREADS_LOCK = threading.Lock()
+_threads_users = 0  # infer runs inside this process (a flow may run several in threads) ...
+_threads_before = 0  # ... and torch's thread count before the first of them
+
+
 @contextmanager
 def model_threads(threads: int | None, device: torch.device) -> Iterator[None]:
-    """torch's CPU threads for the duration (default: one less than the cores this process may use)."""
+    """torch's CPU threads for the duration (default: one less than the cores this process may use). The
+    setting is process-wide: runs at once in threads share it, and the last to finish restores it."""
+    global _threads_users, _threads_before
     if device.type != "cpu":
         yield
         return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - 1))
+    with _THREADS_LOCK:
+        if _threads_users == 0:
+            _threads_before = torch.get_num_threads()
+        _threads_users += 1
+        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - 1))
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        with _THREADS_LOCK:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_before)
 
 
 def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: str | None = None, force: bool = False,

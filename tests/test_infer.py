@@ -224,3 +224,9 @@ def test_the_model_leaves_a_core_to_the_reader_and_writer_threads_and_gives_it_b
     with model_threads(3, torch.device("cpu")):
         assert torch.get_num_threads() == 3
     assert torch.get_num_threads() == before
+    first, second = model_threads(1, torch.device("cpu")), model_threads(1, torch.device("cpu"))
+    first.__enter__(), second.__enter__()  # two runs in threads of one process, the first ends first
+    first.__exit__(None, None, None)
+    assert torch.get_num_threads() == 1
+    second.__exit__(None, None, None)
+    assert torch.get_num_threads() == before
