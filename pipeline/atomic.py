@@ -57,23 +57,26 @@ def staging_directory(target: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{target.name}-", dir=target.parent))
 
 
+def _leftovers(parent: Path) -> Iterator[tuple[str, str, Path]]:
+    """(prefix, target name, path) of every staging or aside copy in `parent`: `<prefix><name>-XXXXXXXX`
+    (mkdtemp and token_hex(4) both add 8 characters)."""
+    if not parent.is_dir():
+        return
+    with os.scandir(parent) as entries:
+        for entry in entries:
+            for prefix in (STAGING_PREFIX, ASIDE_PREFIX):
+                if entry.name.startswith(prefix) and len(entry.name) > len(prefix) + 9 and entry.name[-9] == "-":
+                    yield prefix, entry.name[len(prefix):-9], Path(entry.path)
+
+
 def _siblings(target: Path, prefix: str) -> list[Path]:
-    """`prefix<name>-XXXXXXXX` beside target (mkdtemp and token_hex(4) both add 8 characters)."""
-    lead = f"{prefix}{target.name}-"
-    if not target.parent.is_dir():
-        return []
-    with os.scandir(target.parent) as entries:
-        return sorted(Path(e.path) for e in entries if e.name.startswith(lead) and len(e.name) == len(lead) + 8)
+    return sorted(path for kind, name, path in _leftovers(target.parent) if kind == prefix and name == target.name)
 
 
 def targets_with_leftovers(parent: Path) -> set[str]:
     """Names in `parent` that have staging or aside siblings: the only ones recover_directory has work for
     (one listing of `parent` instead of one per target)."""
-    if not parent.is_dir():
-        return set()
-    with os.scandir(parent) as entries:
-        return {e.name[len(prefix):-9] for e in entries for prefix in (STAGING_PREFIX, ASIDE_PREFIX)
-                if e.name.startswith(prefix) and len(e.name) > len(prefix) + 9 and e.name[-9] == "-"}
+    return {name for _, name, _ in _leftovers(parent)}
 
 
 def recover_directory(target: Path) -> None:

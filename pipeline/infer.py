@@ -27,7 +27,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline import report
-from pipeline.atomic import atomic_file
+from pipeline.atomic import atomic_file, targets_with_leftovers
 from pipeline.device import select_device
 from pipeline.io import Rejected, iter_source, read_wafers, write_npy_lots
 from pipeline.locks import hold_lock, release, try_lock
@@ -293,7 +293,7 @@ def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: s
             task = progress.add_task("lots", total=None)
             for chunk in chunks_of_lots(lots, params.infer.chunk_wafers):
                 todo = []
-                stale = report.lots_with_stale_builds(out)  # listed once a chunk, not once a lot
+                stale = targets_with_leftovers(out)  # listed once a chunk, not once a lot
                 for lot in chunk:
                     lock = claim_lot(out, lot.lot_id)
                     if lock is None:

@@ -43,8 +43,7 @@ from PIL import Image
 from skimage.measure import label
 
 from pipeline import viz
-from pipeline.atomic import (atomic_file, recover_directory, replace_directory, staging_directory,
-                             targets_with_leftovers)
+from pipeline.atomic import atomic_file, recover_directory, replace_directory, staging_directory
 from pipeline.io import Rejected
 from pipeline.params import InferParams, ReportParams
 from pipeline.patterns import wafer_patterns
@@ -496,11 +495,6 @@ def _file_pool(pid: int) -> ThreadPoolExecutor:
     """One pool per process (threads do not survive a fork): starting threads for every lot cost more than
     writing it."""
     return ThreadPoolExecutor(max_workers=FILE_THREADS, thread_name_prefix=f"waferseg-files-{pid}")
-
-
-def lots_with_stale_builds(out_root: Path) -> set[str]:
-    """The lots a writer may have left staging or aside copies of (atomic.targets_with_leftovers)."""
-    return targets_with_leftovers(Path(out_root))
 
 
 def remove_stale_builds(out_root: Path, lot_id: str) -> None:

@@ -328,7 +328,7 @@ def test_a_lot_report_left_aside_by_a_killed_writer_is_put_back_and_the_leftover
     """A kill between the two renames of a lot's replace leaves no report, its old copy aside and a staging
     directory. The next run lists OUT once a chunk for such leftovers: it restores the old copy (current, so
     not reported again) and removes the staging directory, and leaves other lots' names alone."""
-    from pipeline import atomic, report
+    from pipeline import atomic
 
     inbox = tmp_path / "inbox"
     write_npy_lots([good_wafer(lot, f"w{i}", seed=i) for lot in ("A", "A-2", "B") for i in range(2)], inbox)
@@ -336,10 +336,10 @@ def test_a_lot_report_left_aside_by_a_killed_writer_is_put_back_and_the_leftover
     infer(inbox, out, params, model_uri=checkpoint)
     (out / "A").rename(out / f"{atomic.ASIDE_PREFIX}A-deadbeef")
     atomic.staging_directory(out / "A")
-    assert report.lots_with_stale_builds(out) == {"A"}
+    assert atomic.targets_with_leftovers(out) == {"A"}
 
     again = infer(inbox, out, params, model_uri=checkpoint)
     assert (again.lots_reported, again.lots_skipped) == (0, 3)
-    assert report.lots_with_stale_builds(out) == set()
+    assert atomic.targets_with_leftovers(out) == set()
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".locks")) == [
         "A", "A-2", "B", "index.html", "quarantine.csv"]
