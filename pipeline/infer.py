@@ -31,6 +31,7 @@ from pipeline.atomic import atomic_file, targets_with_leftovers
 from pipeline.device import select_device
 from pipeline.io import Rejected, iter_source, read_wafers, write_npy_lots
 from pipeline.locks import hold_lock, release, try_lock
+from pipeline.model import folded_for_inference
 from pipeline.params import Params
 from pipeline.predict import predict_wafers
 from pipeline.registry import load_model
@@ -236,25 +237,37 @@ _threads_before = 0  # ... and torch's thread count before the first of them
 
 
 @contextmanager
-def model_threads(threads: int | None, device: torch.device) -> Iterator[None]:
-    """torch's CPU threads for the duration (default: one less than the cores this process may use). The
-    setting is process-wide: runs at once in threads share it, and the last to finish restores it."""
+def model_streams(threads: int | None, device: torch.device) -> Iterator[int]:
+    """How many batches the model predicts at once: on the CPU `threads` (default: one per core this process
+    may use), each on its own thread with torch single-threaded for the duration. Single-threaded batches side
+    by side keep both cores busy while the report threads come and go; one batch on two OpenMP threads waits
+    at every barrier for a thread the reports have taken. The setting is process-wide: runs at once in
+    threads share it, and the last to finish restores it."""
     global _threads_users, _threads_before
     if device.type != "cpu":
-        yield
+        yield 1
         return
     with _THREADS_LOCK:
         if _threads_users == 0:
             _threads_before = torch.get_num_threads()
         _threads_users += 1
-        torch.set_num_threads(threads or max(1, len(os.sched_getaffinity(0)) - 1))
+        torch.set_num_threads(1)
     try:
-        yield
+        yield threads or len(os.sched_getaffinity(0))
     finally:
         with _THREADS_LOCK:
             _threads_users -= 1
             if _threads_users == 0:
                 torch.set_num_threads(_threads_before)
+
+
+def inference_model(uri: str, params: Params, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The model `infer` runs, and its version label: BatchNorm folded into the convs, channels_last if asked."""
+    model, version = load_model(uri, params.registry, device)
+    model = folded_for_inference(model)
+    if params.infer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, version
 
 
 def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: str | None = None, force: bool = False,
@@ -266,11 +279,9 @@ def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: s
     sources = [Path(source)] if isinstance(source, (str, Path)) else [Path(s) for s in source]
     started = time.perf_counter()
     device = select_device(params.train.device)
-    model, version = load_model(model_uri or params.infer.model_uri, params.registry, device)
-    with model_threads(params.infer.model_threads, device):
+    model, version = inference_model(model_uri or params.infer.model_uri, params, device)
+    with model_streams(params.infer.model_threads, device) as streams:
         amp, channels_last = params.infer.amp, params.infer.channels_last
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
         out.mkdir(parents=True, exist_ok=True)
         summary = InferSummary(version)
         unassigned: list[Rejected] = []
@@ -312,7 +323,7 @@ def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: s
                 wafers = [w for lot, _ in todo for w in lot.wafers]
                 try:
                     predictions = predict_wafers(model, wafers, params.infer.batch_wafers, device, amp, channels_last,
-                                                 params.infer.batch_pixels)
+                                                 params.infer.batch_pixels, streams)
                 except BaseException:
                     for _, lock in todo:  # no report will be written: the lots are free for the next run
                         release(lock)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -131,13 +133,22 @@ def predict_wafers(
     amp: bool = False,
     channels_last: bool = False,
     max_pixels: int | None = None,
+    streams: int = 1,
 ) -> list[np.ndarray]:
-    """Predicted uint8 masks, in the order of `wafers`, each cropped to its wafer's shape."""
+    """Predicted uint8 masks, in the order of `wafers`, each cropped to its wafer's shape. `streams` > 1
+    predicts that many batches at once on their own threads (each with torch's thread count as it is now)."""
     model.eval()
     predictions: list[np.ndarray | None] = [None] * len(wafers)
-    for batch, maps in padded_batches(wafers, batch_wafers, max_pixels):
-        predicted = predict_maps(model, maps, device, amp, channels_last).cpu().numpy()
-        for row, position in enumerate(batch):
-            height, width = wafers[position].shape
-            predictions[position] = predicted[row, :height, :width].copy()
+
+    def predict(item: tuple[np.ndarray, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        batch, maps = item
+        return batch, predict_maps(model, maps, device, amp, channels_last).cpu().numpy()
+
+    batches = padded_batches(wafers, batch_wafers, max_pixels)
+    with ThreadPoolExecutor(streams) if streams > 1 else nullcontext() as pool:
+        # threads made per call: each takes torch's thread count when it first runs an op
+        for batch, predicted in (pool.map(predict, batches) if pool else map(predict, batches)):
+            for row, position in enumerate(batch):
+                height, width = wafers[position].shape
+                predictions[position] = predicted[row, :height, :width].copy()
     return predictions  # type: ignore[return-value]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,16 +35,23 @@ WHITE = 0
 CLASS_INDEX_OFFSET = 2  # class c is palette index 2 + c
 
 
+def _colour_table() -> np.ndarray:
+    """Palette index by (die state, mask value): off-wafer white whatever the mask, pass light grey, fail dark
+    grey, and a pattern class's colour on a pass or fail die."""
+    table = np.zeros((3, 256), dtype=np.uint8)
+    table[PASS], table[FAIL] = 1, 2
+    for class_id in CLASS_COLOURS:
+        table[PASS, class_id] = table[FAIL, class_id] = class_id + CLASS_INDEX_OFFSET
+    return table
+
+
+COLOUR_TABLE = _colour_table()
+
+
 def die_colours(wafer_map: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Palette indices (H, W) of the dies: off-wafer white, pass light grey, fail dark grey, pattern classes
     coloured (a class on an off-wafer die is not drawn)."""
-    colours = np.zeros(wafer_map.shape, dtype=np.uint8)
-    colours[wafer_map == PASS] = 1
-    colours[wafer_map == FAIL] = 2
-    if mask is not None:
-        drawn = np.isin(mask, list(CLASS_COLOURS)) & (wafer_map != 0)
-        colours[drawn] = mask[drawn] + CLASS_INDEX_OFFSET
-    return colours
+    return COLOUR_TABLE[wafer_map, 0 if mask is None else mask]
 
 
 def colour_dies(wafer_map: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -60,6 +69,23 @@ def upscale_dies(image: np.ndarray, die_px: int = 6, gap_px: int = 1, gutter: in
         big[rows] = gutter
         big[:, cols] = gutter
     return big
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def palette_png(indices: np.ndarray, level: int = 1) -> bytes:
+    """A PNG (8-bit palette, PALETTE) of palette indices (H, W), written directly: PIL's per-image bookkeeping
+    took longer than zlib itself on a wafer-sized image."""
+    height, width = indices.shape
+    rows = np.zeros((height, width + 1), dtype=np.uint8)  # each scanline starts with filter type 0 (none)
+    rows[:, 1:] = indices
+    return b"".join([b"\x89PNG\r\n\x1a\n",
+                     _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 3, 0, 0, 0)),
+                     _png_chunk(b"PLTE", PALETTE.tobytes()),
+                     _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), level)),
+                     _png_chunk(b"IEND", b"")])
 
 
 def legend_handles() -> list[Patch]:

@@ -211,22 +211,42 @@ def test_the_class_mix_counts_complete_reports_only(setup, tmp_path):
     assert counts["wafers"].sum() == summary.reported - 3
 
 
-def test_the_model_leaves_a_core_to_the_reader_and_writer_threads_and_gives_it_back():
+def test_the_model_runs_single_threaded_streams_one_per_core_and_gives_torchs_threads_back():
     import os
 
     import torch
 
-    from pipeline.infer import model_threads
+    from pipeline.infer import model_streams
 
+    torch.set_num_threads(2)
     before = torch.get_num_threads()
-    with model_threads(None, torch.device("cpu")):
-        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
-    with model_threads(3, torch.device("cpu")):
-        assert torch.get_num_threads() == 3
+    with model_streams(None, torch.device("cpu")) as streams:
+        assert streams == len(os.sched_getaffinity(0))
+        assert torch.get_num_threads() == 1
+    with model_streams(3, torch.device("cpu")) as streams:
+        assert streams == 3 and torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
-    first, second = model_threads(1, torch.device("cpu")), model_threads(1, torch.device("cpu"))
+    first, second = model_streams(1, torch.device("cpu")), model_streams(1, torch.device("cpu"))
     first.__enter__(), second.__enter__()  # two runs in threads of one process, the first ends first
     first.__exit__(None, None, None)
     assert torch.get_num_threads() == 1
     second.__exit__(None, None, None)
     assert torch.get_num_threads() == before
+
+
+def test_streams_predict_what_one_stream_predicts_in_the_same_order():
+    import numpy as np
+    import torch
+
+    from pipeline.model import FCN
+    from pipeline.params import Params
+    from pipeline.predict import predict_wafers
+    from pipeline.synth import generate
+
+    torch.manual_seed(0)
+    model = FCN("fcn8s", 0.0625).eval()
+    wafers = list(generate(Params().synth, seed=5, n=40))  # two lots of two sizes: two buckets of 5 batches
+    one = predict_wafers(model, wafers, 4, torch.device("cpu"))
+    three = predict_wafers(model, wafers, 4, torch.device("cpu"), streams=3)
+    assert all(a.shape == w.shape for a, w in zip(three, wafers))
+    assert all(np.array_equal(a, b) for a, b in zip(one, three))

@@ -19,6 +19,7 @@ from pipeline.model import (
     bilinear_kernel,
     build_model,
     encode_maps,
+    folded_for_inference,
     pad_to_stride,
     upsample,
 )
@@ -210,6 +211,28 @@ def test_inference_under_bf16_autocast_is_close_to_fp32(models: dict[str, FCN]) 
             logits = model(x)
     assert logits.shape == reference.shape
     torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+
+
+def test_folding_batchnorm_into_the_convs_keeps_the_function_and_leaves_the_model_alone() -> None:
+    torch.manual_seed(0)
+    model = FCN("fcn8s", SMALL, batch_norm=True, global_context=True)
+    for module in model.modules():  # trained-looking statistics and affine terms, not the identity
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    model.pattern_offsets.fill_(0.25)
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    folded = folded_for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 13
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    torch.testing.assert_close(folded.pattern_offsets, model.pattern_offsets)
+    x = encode_maps(random_maps(3, 56, 53))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (2, 2), (2, 3), (3, 1), (4, 4), (6, 5), (7, 9)])

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.model import FCN, autocast_context, cpu_has_amx, encode_maps
+from pipeline.model import FCN, autocast_context, cpu_has_amx, encode_maps, folded_for_inference
 from pipeline.params import Params
 from pipeline.predict import IGNORE_INDEX, predict_wafers
 from pipeline.synth import generate
@@ -27,12 +27,10 @@ def wafers():
     return list(generate(Params().synth, seed=3, n=48))
 
 
-@pytest.fixture(scope="module")
-def model(wafers) -> FCN:
-    """Random-init encoder with the score head fitted on its features: class margins like a trained model's
-    (argmax of a random-init FCN is decided by near-zero logits, which any rounding flips)."""
-    torch.manual_seed(0)
-    model = FCN("fcn8s", WIDTH).eval()
+def with_fitted_head(model: FCN, wafers) -> FCN:
+    """`model` (random-init encoder) with its score head fitted on its features: class margins like a trained
+    model's (argmax of a random-init FCN is decided by near-zero logits, which any rounding flips)."""
+    model.eval()
     sized = [w for w in wafers if w.shape[0] <= 64 and w.shape[1] <= 64]
     grid = torch.full((len(sized), 64, 64), OFF_WAFER, dtype=torch.uint8)
     target = torch.full((len(sized), 64, 64), IGNORE_INDEX, dtype=torch.long)
@@ -54,6 +52,26 @@ def model(wafers) -> FCN:
     return model
 
 
+@pytest.fixture(scope="module")
+def model(wafers) -> FCN:
+    torch.manual_seed(0)
+    return with_fitted_head(FCN("fcn8s", WIDTH), wafers)
+
+
+@pytest.fixture(scope="module")
+def bn_model(wafers) -> FCN:
+    """The shipped architecture (BatchNorm, global context) with BatchNorm statistics unlike the identity."""
+    torch.manual_seed(0)
+    model = FCN("fcn8s", WIDTH, batch_norm=True, global_context=True)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return with_fitted_head(model, wafers)
+
+
 def agreement_on_wafer(reference: list[np.ndarray], predicted: list[np.ndarray], wafers) -> float:
     same = sum(int((r == p)[w.map != OFF_WAFER].sum()) for r, p, w in zip(reference, predicted, wafers))
     return same / sum(int((w.map != OFF_WAFER).sum()) for w in wafers)
@@ -66,6 +84,15 @@ def test_bf16_channels_last_inference_agrees_with_fp32(model, wafers) -> None:
     fast_model = FCN("fcn8s", WIDTH).eval()
     fast_model.load_state_dict(model.state_dict())
     fast_model = fast_model.to(memory_format=torch.channels_last)
+    predicted = predict_wafers(fast_model, wafers, 16, torch.device("cpu"), amp=True, channels_last=True)
+    assert agreement_on_wafer(reference, predicted, wafers) >= AGREEMENT_FLOOR
+
+
+@native_bf16
+def test_infers_default_path_agrees_with_fp32(bn_model, wafers) -> None:
+    """What `infer` runs on a native-bf16 CPU: BatchNorm folded into the convs, bf16 autocast, channels_last."""
+    reference = predict_wafers(bn_model, wafers, 16, torch.device("cpu"), amp=False, channels_last=False)
+    fast_model = folded_for_inference(bn_model).to(memory_format=torch.channels_last)
     predicted = predict_wafers(fast_model, wafers, 16, torch.device("cpu"), amp=True, channels_last=True)
     assert agreement_on_wafer(reference, predicted, wafers) >= AGREEMENT_FLOOR
 
