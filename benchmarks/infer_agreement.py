@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from pipeline.device import cpu_name
-from pipeline.model import bf16_allowed, folded_for_inference
+from pipeline.infer import inference_model
+from pipeline.model import bf16_allowed
 from pipeline.params import load_params
 from pipeline.predict import predict_wafers
 from pipeline.realdata import load_real_sets
@@ -37,7 +38,7 @@ def main() -> None:
     params = load_params()
     cpu = torch.device("cpu")
     model, version = load_model(args.model, params.registry, cpu)
-    fast = folded_for_inference(model).to(memory_format=torch.channels_last)
+    fast, _ = inference_model(args.model, params, cpu)  # exactly the model `infer` runs
     batch = params.infer.batch_wafers
     record = {"host": cpu_name(), "model": version, "split": args.split, "bf16": bf16_allowed(cpu, training=False),
               "sets": {}}
