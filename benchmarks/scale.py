@@ -151,7 +151,7 @@ def main() -> None:
              "|---:|---:|---:|---:|---:|---:|---|---:|---:|",
              f"| {result['wafers']:,} | {result['lots']:,} | {result['wafers_per_s_end_to_end']} | "
              f"{result['wafers_per_s_model']} | {result['end_to_end_over_model']} | "
-             f"{model_seconds[0] / seconds:.0%} | {' / '.join(f'{q:.0f}' for q in quarters)} | "
+             f"{result['model_share_in_run']:.0%} | {' / '.join(f'{q:.0f}' for q in quarters)} | "
              f"{result['projected_hours_811457_cpu']} | {result['projected_hours_811457_one_gpu']} |"]
     (RESULTS / f"{name}.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))

@@ -280,76 +280,75 @@ def infer(source: Path | Sequence[Path], out: Path, params: Params, model_uri: s
     started = time.perf_counter()
     device = select_device(params.train.device)
     model, version = inference_model(model_uri or params.infer.model_uri, params, device)
-    with model_streams(params.infer.model_threads, device) as streams:
-        amp, channels_last = params.infer.amp, params.infer.channels_last
-        out.mkdir(parents=True, exist_ok=True)
-        summary = InferSummary(version)
-        unassigned: list[Rejected] = []
+    amp, channels_last = params.infer.amp, params.infer.channels_last
+    out.mkdir(parents=True, exist_ok=True)
+    summary = InferSummary(version)
+    unassigned: list[Rejected] = []
 
-        def lot_done(lot: Lot, reported: bool) -> None:
-            summary.read += lot.n_read
-            summary.quarantined += len(lot.rejected)
-            if reported:
-                summary.reported += len(lot.wafers)
-                summary.lots_reported += 1
-                summary.reported_lots.append(lot.lot_id)
-            else:
-                summary.skipped += len(lot.wafers)
-                summary.lots_skipped += 1
+    def lot_done(lot: Lot, reported: bool) -> None:
+        summary.read += lot.n_read
+        summary.quarantined += len(lot.rejected)
+        if reported:
+            summary.reported += len(lot.wafers)
+            summary.lots_reported += 1
+            summary.reported_lots.append(lot.lot_id)
+        else:
+            summary.skipped += len(lot.wafers)
+            summary.lots_skipped += 1
 
-        lots = group_lots(read_ahead(_read_sources(sources, params.infer.wafer_table_lot_wafers, named), params.infer.read_ahead_wafers), unassigned)
-        with LotWriter() as writer, Progress(
-            TextColumn("inferring"), BarColumn(), MofNCompleteColumn(), TextColumn("lots"), TimeElapsedColumn()
-        ) as progress:
-            task = progress.add_task("lots", total=None)
-            for chunk in chunks_of_lots(lots, params.infer.chunk_wafers):
-                todo = []
-                stale = targets_with_leftovers(out)  # listed once a chunk, not once a lot
-                for lot in chunk:
-                    lock = claim_lot(out, lot.lot_id)
-                    if lock is None:
-                        log.info("lot %s is being reported by another run: left to it", lot.lot_id)
-                        summary.lots_left_to_others += 1
-                        lot_done(lot, reported=False)
-                        continue
-                    if lot.lot_id in stale:  # first: a report a killed writer left aside may be current
-                        report.remove_stale_builds(out, lot.lot_id)
-                    if force or not report.lot_is_current(out, lot.lot_id, version,
-                                                          report.inputs_fingerprint(lot.wafers, lot.rejected)):
-                        todo.append((lot, lock))
-                    else:
-                        release(lock)
-                        lot_done(lot, reported=False)
-                wafers = [w for lot, _ in todo for w in lot.wafers]
-                try:
-                    predictions = predict_wafers(model, wafers, params.infer.batch_wafers, device, amp, channels_last,
-                                                 params.infer.batch_pixels, streams)
-                except BaseException:
-                    for _, lock in todo:  # no report will be written: the lots are free for the next run
-                        release(lock)
-                    raise
-                position = 0
-                for lot, lock in todo:
-                    masks = predictions[position : position + len(lot.wafers)]
-                    position += len(lot.wafers)
-                    writer.submit(lock, lot.lot_id, lot.wafers, masks, lot.rejected, out, version, params.infer,
-                                  params.report)
-                    lot_done(lot, reported=True)
-                writer.raise_failures()
-                progress.update(task, advance=len(chunk))
-            writer.raise_failures(wait=True)
-        summary.read += len(unassigned)
-        summary.quarantined += len(unassigned)
-        if unassigned or index:
-            _write_unassigned(out, unassigned)
-        if index:
-            report.write_index(out)
-        summary.seconds = time.perf_counter() - started
-        summary.class_mix = class_mix(out)
-        log.info("%d wafers read: %d reported, %d quarantined, %d skipped (already reported by %s) in %.1f s "
-                 "(%.1f wafers/s)", summary.read, summary.reported, summary.quarantined, summary.skipped, version,
-                 summary.seconds, summary.wafers_per_s)
-        return summary
+    lots = group_lots(read_ahead(_read_sources(sources, params.infer.wafer_table_lot_wafers, named), params.infer.read_ahead_wafers), unassigned)
+    with model_streams(params.infer.model_threads, device) as streams, LotWriter() as writer, Progress(
+        TextColumn("inferring"), BarColumn(), MofNCompleteColumn(), TextColumn("lots"), TimeElapsedColumn()
+    ) as progress:
+        task = progress.add_task("lots", total=None)
+        for chunk in chunks_of_lots(lots, params.infer.chunk_wafers):
+            todo = []
+            stale = targets_with_leftovers(out)  # listed once a chunk, not once a lot
+            for lot in chunk:
+                lock = claim_lot(out, lot.lot_id)
+                if lock is None:
+                    log.info("lot %s is being reported by another run: left to it", lot.lot_id)
+                    summary.lots_left_to_others += 1
+                    lot_done(lot, reported=False)
+                    continue
+                if lot.lot_id in stale:  # first: a report a killed writer left aside may be current
+                    report.remove_stale_builds(out, lot.lot_id)
+                if force or not report.lot_is_current(out, lot.lot_id, version,
+                                                      report.inputs_fingerprint(lot.wafers, lot.rejected)):
+                    todo.append((lot, lock))
+                else:
+                    release(lock)
+                    lot_done(lot, reported=False)
+            wafers = [w for lot, _ in todo for w in lot.wafers]
+            try:
+                predictions = predict_wafers(model, wafers, params.infer.batch_wafers, device, amp, channels_last,
+                                             params.infer.batch_pixels, streams)
+            except BaseException:
+                for _, lock in todo:  # no report will be written: the lots are free for the next run
+                    release(lock)
+                raise
+            position = 0
+            for lot, lock in todo:
+                masks = predictions[position : position + len(lot.wafers)]
+                position += len(lot.wafers)
+                writer.submit(lock, lot.lot_id, lot.wafers, masks, lot.rejected, out, version, params.infer,
+                              params.report)
+                lot_done(lot, reported=True)
+            writer.raise_failures()
+            progress.update(task, advance=len(chunk))
+        writer.raise_failures(wait=True)
+    summary.read += len(unassigned)
+    summary.quarantined += len(unassigned)
+    if unassigned or index:
+        _write_unassigned(out, unassigned)
+    if index:
+        report.write_index(out)
+    summary.seconds = time.perf_counter() - started
+    summary.class_mix = class_mix(out)
+    log.info("%d wafers read: %d reported, %d quarantined, %d skipped (already reported by %s) in %.1f s "
+             "(%.1f wafers/s)", summary.read, summary.reported, summary.quarantined, summary.skipped, version,
+             summary.seconds, summary.wafers_per_s)
+    return summary
 
 
 def lot_pattern_counts(out: Path, lot_ids: Iterable[str] | None = None) -> pd.DataFrame:

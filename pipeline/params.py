@@ -369,8 +369,8 @@ class InferParams(Section):
     min_pattern_dies: int = Field(1, ge=1)
     # A wafer table without lot_id: consecutive wafers form lots of this many (contract, input format 3).
     wafer_table_lot_wafers: int = Field(25, gt=0)
-    # CPU threads for the model; null: one less than the cores (at least 1), leaving one to the reader and
-    # report writer threads (on 2 cores 1.2x faster end to end than both to the model: benchmarks/)
+    # CPU threads for the model, each predicting its own batches single-threaded (infer.model_streams); null: one
+    # per core. Side by side they beat one batch on as many OpenMP threads beside the report threads (README).
     model_threads: int | None = Field(None, gt=0)
 
 
