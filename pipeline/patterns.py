@@ -38,7 +38,11 @@ def decide_masks(logits: torch.Tensor, maps: torch.Tensor, offsets: torch.Tensor
 def wafer_patterns(mask: np.ndarray, wafer_map: np.ndarray, min_dies: int) -> tuple[str, str]:
     """(`patterns`, `dominant_class`) of a wafer's mask: the defect classes with at least `min_dies` dies
     joined in class-id order (or 'none'), and the one of them with most dies (ties: lowest id)."""
-    counts = class_die_counts(mask, wafer_map)
+    return patterns_of_counts(class_die_counts(mask, wafer_map), min_dies)
+
+
+def patterns_of_counts(counts: np.ndarray, min_dies: int) -> tuple[str, str]:
+    """wafer_patterns from the mask's on-wafer dies per class (wafer.class_die_counts)."""
     present = [c for c in DEFECT_CLASSES if counts[c] >= min_dies]
     if not present:
         return NONE, NONE

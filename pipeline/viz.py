@@ -31,7 +31,6 @@ def _rgb(hex_colour: str) -> np.ndarray:
 
 # One palette for every drawing: off-wafer (also the gutter between dies), pass, fail, then the classes.
 PALETTE = np.stack([_rgb(c) for c in (OFF_COLOUR, PASS_COLOUR, FAIL_COLOUR, *CLASS_COLOURS.values())])
-WHITE = 0
 CLASS_INDEX_OFFSET = 2  # class c is palette index 2 + c
 
 
@@ -57,18 +56,6 @@ def die_colours(wafer_map: np.ndarray, mask: np.ndarray | None = None) -> np.nda
 def colour_dies(wafer_map: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """RGB image (H, W, 3) of die_colours."""
     return PALETTE[die_colours(wafer_map, mask)]
-
-
-def upscale_dies(image: np.ndarray, die_px: int = 6, gap_px: int = 1, gutter: int = 255) -> np.ndarray:
-    """Draw each die as a die_px square with a `gutter` (white in RGB) border, so a map reads as a die grid;
-    `image` is RGB (H, W, 3) or palette indices (H, W)."""
-    big = np.repeat(np.repeat(image, die_px, axis=0), die_px, axis=1)
-    if gap_px:
-        rows = np.arange(big.shape[0]) % die_px >= die_px - gap_px
-        cols = np.arange(big.shape[1]) % die_px >= die_px - gap_px
-        big[rows] = gutter
-        big[:, cols] = gutter
-    return big
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

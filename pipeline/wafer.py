@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,8 @@ MAX_ID_BYTES = 200
 INDEX_FILE = "index.html"
 RUN_QUARANTINE_FILE = "quarantine.csv"
 RESERVED_LOT_IDS = frozenset({INDEX_FILE, RUN_QUARANTINE_FILE})
+# ASCII letters, digits, '_', '-' and '.', not led by '.', at most MAX_ID_BYTES: passes every check below
+PLAIN_ID = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}")
 
 
 class WaferError(ValueError):
@@ -80,6 +83,8 @@ class Wafer:
 def check_id(value: object, what: str, source: object, lot_id: object = None, wafer_id: object = None) -> str:
     """An id becomes a directory or file name: refuse anything that could escape or hide one."""
     text = "" if value is None else str(value)
+    if PLAIN_ID.fullmatch(text) and not (what == "lot_id" and text.lower() in RESERVED_LOT_IDS):
+        return text  # the usual id, settled by one regex: ids are checked three times a wafer
     problem = None
     if text.strip() == "":
         problem = f"{what} is empty"
@@ -160,9 +165,11 @@ def class_die_counts(mask: np.ndarray, wafer_map: np.ndarray) -> np.ndarray:
     return np.bincount(labels, minlength=NUM_CLASSES)
 
 
-def wafer_summary(wafer: Wafer, mask: np.ndarray | None) -> dict:
-    """Ids, shape and die counts of a wafer, with per-class counts from `mask` (-1 when there is none)."""
-    counts = class_die_counts(mask, wafer.map) if mask is not None else [-1] * NUM_CLASSES
+def wafer_summary(wafer: Wafer, mask: np.ndarray | None, counts: np.ndarray | None = None) -> dict:
+    """Ids, shape and die counts of a wafer, with per-class counts from `mask` (-1 when there is none);
+    `counts`: class_die_counts of the mask, when the caller has them already."""
+    if counts is None:
+        counts = class_die_counts(mask, wafer.map) if mask is not None else [-1] * NUM_CLASSES
     return {"lot_id": wafer.lot_id, "wafer_id": wafer.wafer_id, "rows": wafer.shape[0], "cols": wafer.shape[1],
             "n_dies": wafer.n_dies, "n_fail": wafer.n_fail,
             **{column: int(count) for column, count in zip(DIE_COLUMNS, counts)}}

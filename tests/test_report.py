@@ -320,9 +320,10 @@ def test_report_renders_in_a_real_browser(lot_dir: Path, tmp_path: Path):
         assert index.problems().errors() == []
 
 
-def test_a_wafer_image_is_a_palette_png_with_the_pixels_of_the_rgb_drawing():
+def test_a_wafer_image_is_a_palette_png_of_one_pixel_a_die_shown_die_px_a_die_under_the_die_grid():
     import base64
     import io
+    import re
 
     from PIL import Image
 
@@ -333,9 +334,20 @@ def test_a_wafer_image_is_a_palette_png_with_the_pixels_of_the_rgb_drawing():
     wafer_map[4, 4] = 2  # a failing die of no pattern
     mask[7, 2:5], mask[9, 3] = SCRATCH, LOCAL_ZONE  # on pass dies: drawn in the class colour
     mask[wafer_map == 0] = RING  # a class on an off-wafer die is not drawn
-    uri = report.wafer_image(validate_wafer(LOT, "w", wafer_map), mask, REPORT)
+    svg = report.wafer_image(validate_wafer(LOT, "w", wafer_map), mask, REPORT)
+    rows, cols = wafer_map.shape
+    assert svg.startswith(f'<svg class="map" viewBox="0 0 {cols} {rows}" width="{cols * REPORT.die_px}" '
+                          f'height="{rows * REPORT.die_px}"')
+    assert f'fill="url(#{report.DIE_GRID_ID})"' in svg  # the gutter, drawn by the page's pattern
+    uri = re.search(r'<image href="([^"]+)" width="%d" height="%d"/>' % (cols, rows), svg).group(1)
     image = Image.open(io.BytesIO(base64.b64decode(uri.removeprefix("data:image/png;base64,"))))
     assert image.mode == "P"
-    expected = viz.upscale_dies(viz.colour_dies(wafer_map, mask), REPORT.die_px, REPORT.gap_px)
+    expected = viz.colour_dies(wafer_map, mask)
     assert np.array_equal(np.asarray(image.convert("RGB")), expected)
     assert {tuple(c) for c in expected.reshape(-1, 3)} >= {tuple(viz.PALETTE[i]) for i in range(7)}
+    pattern = report.die_grid_defs(REPORT)  # the right and bottom 1/6 of each die white: a 1-pixel gutter at 6
+    assert f'id="{report.DIE_GRID_ID}"' in pattern and '<rect x="0.833333" width="0.166667" height="1"/>' in pattern
+    tiny = report.wafer_image(validate_wafer(LOT, "w", wafer_map), mask, ReportParams(die_px=2, gap_px=1))
+    assert "url(#" not in tiny  # dies of 2 pixels: no gutter, as before
+
+

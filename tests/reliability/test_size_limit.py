@@ -110,10 +110,11 @@ def test_a_large_map_is_drawn_no_larger_than_the_image_cap(monkeypatch):
     drawn = []
     monkeypatch.setattr(report, "png_data_uri", lambda rgb: drawn.append(rgb.shape) or "data:")
     wafer = validate_wafer("L", "w", np.ones((900, 700), np.uint8))
-    report.wafer_image(wafer, np.zeros((900, 700), np.uint8), ReportParams(max_image_px=1200))
-    report.wafer_image(good_wafer("L", "small"), np.zeros((10, 10), np.uint8), ReportParams(max_image_px=1200))
-    assert drawn[0][:2] == (900, 700)  # one pixel a die, no gutter: within the cap
-    assert drawn[1][:2] == (50, 50)  # small maps keep die_px 5
+    large = report.wafer_image(wafer, np.zeros((900, 700), np.uint8), ReportParams(max_image_px=1200))
+    small = report.wafer_image(good_wafer("L", "small"), np.zeros((10, 10), np.uint8), ReportParams(max_image_px=1200))
+    assert drawn == [(900, 700), (10, 10)]  # the PNG: one pixel a die
+    assert 'width="700" height="900"' in large and "url(#" not in large  # shown 1 pixel a die, no gutter: the cap
+    assert 'width="50" height="50"' in small and "url(#" in small  # small maps keep die_px 5 and the gutter
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
