@@ -307,12 +307,15 @@ def test_report_renders_in_a_real_browser(lot_dir: Path, tmp_path: Path):
         page.evaluate("document.querySelector('th[data-key=dominant_class]').click()")
         assert page.evaluate(WAFER_ORDER_JS)[:2] == ["04", "01"]  # descending: scratch first
         screenshot = page.screenshot(tmp_path / "report.png")
+        gridded = page.evaluate("document.querySelectorAll('svg.map rect[fill=\"url(#die-grid)\"]').length")
+        grid_tiles = page.evaluate("document.querySelectorAll('pattern#die-grid > rect').length")
         problems = page.problems()
     assert problems.errors() == []
     assert all(url == (lot_dir / "report.html").as_uri() or url.startswith("data:") for url in problems.requested_urls)
     image = matplotlib.image.imread(screenshot)
     assert image.shape[:2] == (3000, 1400) and screenshot.stat().st_size > 20_000
     assert all(_colour_pixels(image, CLASS_COLOURS[c]) > 100 for c in (RING, SCRATCH, CIRCLE))
+    assert gridded == 4 and grid_tiles == 2  # every wafer drawn under the page's one die-grid pattern (in the SVG DOM)
 
     with open_page((lot_dir.parent / "index.html").as_uri()) as index:
         assert index.evaluate("document.body.dataset.ready") == "1"
