@@ -111,15 +111,14 @@ def clean_mask(prediction: np.ndarray, wafer: Wafer) -> np.ndarray:
     return np.where(wafer.map != OFF_WAFER, prediction, 0).astype(np.uint8)
 
 
-def region_stats(mask: np.ndarray, wafer_map: np.ndarray, counts: np.ndarray | None = None) -> dict[str, int]:
+def region_stats(mask: np.ndarray, wafer_map: np.ndarray, counts: np.ndarray) -> dict[str, int]:
     """Per defect class: `regions_<class>`, its 8-connected regions, and `largest_<class>`, the
     largest region's die count (0 when the class is absent). `counts`: class_die_counts of the mask."""
     stats: dict[str, int] = {}
     on_wafer = wafer_map != OFF_WAFER
-    dies = class_die_counts(mask, wafer_map) if counts is None else counts
     for class_id in DEFECT_CLASSES:
         name = CLASS_NAMES[class_id]
-        if not dies[class_id]:  # most wafers carry one or two classes: label only those
+        if not counts[class_id]:  # most wafers carry one or two classes: label only those
             stats[f"regions_{name}"] = stats[f"largest_{name}"] = 0
             continue
         labels, regions = label((mask == class_id) & on_wafer, structure=EIGHT_CONNECTED)
