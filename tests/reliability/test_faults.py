@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -245,10 +244,10 @@ def test_disk_full_mid_report_is_a_clear_error_and_the_previous_reports_stay(tmp
     infer(inbox, out, params, model_uri=checkpoint)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and ".locks" not in p.parts}
 
-    def full_disk(path, array):
+    def full_disk(path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(np, "save", full_disk)
+    monkeypatch.setattr(report, "_write_synced", full_disk)  # every file write of a lot report fails
     with pytest.raises(ReportWriteError, match=r"/out/A: report not written \(No space left on device\); "
                                                r"the previous report is kept"):
         infer(inbox, out, params, model_uri=checkpoint, force=True)
