@@ -249,3 +249,66 @@ def test_fc6_skipping_dead_taps_equals_the_full_7x7_convolution(size: tuple[int,
     torch.testing.assert_close(fc6(x), full)
     for ours, reference in zip(grads, (x.grad, fc6.weight.grad, fc6.bias.grad)):
         torch.testing.assert_close(ours, reference)
+
+
+def wafer_in_a_frame(wafer: torch.Tensor, height: int, width: int, top: int, left: int) -> torch.Tensor:
+    framed = torch.zeros(height, width, dtype=torch.uint8)  # 0 = off-wafer
+    framed[top: top + wafer.shape[0], left: left + wafer.shape[1]] = wafer
+    return framed
+
+
+def test_wafer_boxes_bound_the_on_wafer_dies_and_take_the_whole_map_without_any() -> None:
+    wafer = torch.ones(5, 7, dtype=torch.uint8)
+    wafer[0, 0] = 0  # an off-wafer corner inside the box
+    maps = torch.stack([wafer_in_a_frame(wafer, 12, 10, 3, 2), torch.zeros(12, 10, dtype=torch.uint8)])
+    assert model_module.wafer_boxes(encode_maps(maps)) == [(3, 8, 2, 9), (0, 12, 0, 10)]
+
+
+def with_die_starts(encoded: torch.Tensor, pixels_a_die: int) -> torch.Tensor:
+    """Encoded maps drawn pixels_a_die to a die, with the channel marking each die's first row and column."""
+    rows, cols = (torch.arange(n) % pixels_a_die == 0 for n in encoded.shape[-2:])
+    starts = (rows[:, None] | cols[None, :]).float().expand(len(encoded), 1, -1, -1)
+    return torch.cat([encoded, starts], dim=1)
+
+
+def test_die_starts_mark_where_nearest_exact_drawing_begins_each_die() -> None:
+    for dies, pixels in [(3, 7), (16, 64), (27, 64), (5, 5)]:
+        drawn = F.interpolate(torch.arange(dies, dtype=torch.float32)[None, None, :, None], size=(pixels, 1),
+                              mode="nearest-exact").flatten()
+        expected = torch.cat([torch.tensor([True]), drawn[1:] != drawn[:-1]])
+        assert torch.equal(model_module.die_starts(dies, pixels, torch.device("cpu")), expected)
+
+
+def test_a_small_wafer_is_scored_as_its_dies_drawn_input_side_across_and_averaged_back() -> None:
+    torch.manual_seed(0)
+    model = FCN("fcn8s", SMALL, batch_norm=True, global_context=True, input_side=64).eval()
+    wafer = random_maps(1, 16, 13, seed=1)[0].clamp(min=1)  # on-wafer everywhere: its box is the whole wafer
+    framed = wafer_in_a_frame(wafer, 24, 20, 5, 3)
+    with torch.no_grad():
+        scaled = model(encode_maps(framed[None]))
+        # by hand: each die 4 x 4 pixels (64 / 16), the FCN on that drawing, each die's 16 pixels averaged
+        drawn = encode_maps(wafer.repeat_interleave(4, 0).repeat_interleave(4, 1)[None])
+        by_hand = F.avg_pool2d(model.forward_padded(with_die_starts(drawn, 4)), 4)
+    assert scaled.shape == (1, 5, 24, 20)
+    torch.testing.assert_close(scaled[..., 5:21, 3:16], by_hand, rtol=0, atol=1e-5)
+    assert not scaled[..., :5, :].any()  # off-wafer rows outside the box: no scores, never read
+
+
+def test_a_wafer_at_least_input_side_across_stays_one_pixel_a_die() -> None:
+    torch.manual_seed(0)
+    model = FCN("fcn8s", SMALL, batch_norm=True, global_context=True, input_side=64).eval()
+    x = encode_maps(random_maps(1, 70, 66).clamp(min=1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.forward_padded(with_die_starts(x, 1)), rtol=0, atol=0)
+
+
+def test_scaled_inputs_pass_gradients_to_every_die_of_wafers_of_any_size() -> None:
+    torch.manual_seed(0)
+    model = FCN("fcn8s", SMALL, batch_norm=True, input_side=64).train()
+    maps = torch.stack([wafer_in_a_frame(random_maps(1, 20, 18, seed=2)[0].clamp(min=1), 72, 70, 0, 0),
+                        random_maps(1, 72, 70, seed=3)[0].clamp(min=1)])
+    x = encode_maps(maps).requires_grad_(False)
+    logits = model(x)
+    assert logits.shape == (2, 5, 72, 70)
+    logits[:, 1, :20, :18].sum().backward()
+    assert model.score_fr.weight.grad.abs().sum() > 0
