@@ -38,34 +38,12 @@ def encode_maps(maps: torch.Tensor) -> torch.Tensor:
 def pad_to_stride(x: torch.Tensor, stride: int = STRIDE) -> torch.Tensor:
     """Pad an encoded batch at the bottom/right to a multiple of `stride` with off-wafer cells."""
     height, width = x.shape[-2:]
-    return pad_off_wafer(x, height + -height % stride, width + -width % stride)
-
-
-def pad_off_wafer(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pad encoded maps (..., 3, h, w) at the bottom/right to height x width with off-wafer cells."""
-    pad = (0, width - x.shape[-1], 0, height - x.shape[-2])
+    pad = (0, -width % stride, 0, -height % stride)
     if not any(pad):
         return x
-    off_wafer = F.pad(x[..., :1, :, :], pad, value=1.0)
-    rest = F.pad(x[..., 1:, :, :], pad, value=0.0)
-    return torch.cat([off_wafer, rest], dim=-3)
-
-
-def die_starts(dies: int, pixels: int, device: torch.device) -> torch.Tensor:
-    """Bool (pixels,): the pixels where a new die begins when `dies` are drawn `pixels` long (nearest-exact)."""
-    die = ((torch.arange(pixels, device=device) + 0.5) * dies / pixels).floor().clamp(max=dies - 1)
-    return torch.cat([torch.ones(1, dtype=torch.bool, device=device), die[1:] != die[:-1]])
-
-
-def wafer_boxes(x: torch.Tensor) -> list[tuple[int, int, int, int]]:
-    """(top, bottom, left, right) of each encoded map's on-wafer dies; the whole map where it has none."""
-    on = x[:, 0] < 0.5
-    rows, cols = on.any(dim=2), on.any(dim=1)
-    height, width = on.shape[1:]
-    top, left = rows.int().argmax(dim=1), cols.int().argmax(dim=1)
-    bottom, right = height - rows.flip(1).int().argmax(dim=1), width - cols.flip(1).int().argmax(dim=1)
-    boxes = torch.stack([top, bottom, left, right], dim=1).tolist()
-    return [tuple(box) if has else (0, height, 0, width) for box, has in zip(boxes, rows.any(dim=1).tolist())]
+    off_wafer = F.pad(x[:, :1], pad, value=1.0)
+    rest = F.pad(x[:, 1:], pad, value=0.0)
+    return torch.cat([off_wafer, rest], dim=1)
 
 
 def bilinear_kernel(channels: int, size: int) -> torch.Tensor:
@@ -86,8 +64,7 @@ def upsample(channels: int, factor: int) -> nn.ConvTranspose2d:
     return layer
 
 
-def vgg16_stages(width: float, batch_norm: bool = False, in_channels: int = MAP_CHANNELS,
-                 ) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
+def vgg16_stages(width: float, batch_norm: bool = False) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
     """VGG16 (cfg 'D') conv layers with channels scaled by `width`, split after pool3/pool4/pool5; with
     batch_norm, torchvision's vgg16_bn layout (BatchNorm after every conv).
 
@@ -96,8 +73,6 @@ def vgg16_stages(width: float, batch_norm: bool = False, in_channels: int = MAP_
     """
     cfg = [v if v == "M" else max(1, round(v * width)) for v in cfgs["D"]]
     layers = list(make_layers(cfg, batch_norm=batch_norm))
-    if in_channels != layers[0].in_channels:
-        layers[0] = nn.Conv2d(in_channels, layers[0].out_channels, kernel_size=3, padding=1)
     pools = [i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
     to_pool3, to_pool4, to_pool5 = pools[2] + 1, pools[3] + 1, pools[4] + 1
     return (
@@ -142,8 +117,7 @@ class FCN(nn.Module):
     """
 
     def __init__(self, arch: Arch = "fcn8s", width: float = 1.0, dropout: float = 0.5,
-                 presence_sharpness: float = 4.0, batch_norm: bool = False, global_context: bool = False,
-                 input_side: int | None = None):
+                 presence_sharpness: float = 4.0, batch_norm: bool = False, global_context: bool = False):
         super().__init__()
         if arch not in ("fcn8s", "fcn16s", "fcn32s"):
             raise ValueError(f"unknown arch {arch!r}; expected fcn8s, fcn16s or fcn32s")
@@ -151,13 +125,10 @@ class FCN(nn.Module):
             raise ValueError(f"width must be > 0, got {width}")
         self.arch = arch
         self.presence_sharpness = presence_sharpness
-        self.input_side = input_side
         # Per defect class, added to its score margin over background before the wafer-level decision:
         # calibrated on real val after training (decide.calibrate), saved with the weights.
         self.register_buffer("pattern_offsets", torch.zeros(NUM_CLASSES - 1))
-        # a scaled drawing carries one more channel: where each die starts (die_starts)
-        in_channels = MAP_CHANNELS + (input_side is not None)
-        self.to_pool3, self.to_pool4, self.to_pool5 = vgg16_stages(width, batch_norm, in_channels)
+        self.to_pool3, self.to_pool4, self.to_pool5 = vgg16_stages(width, batch_norm)
         fc = max(1, round(FC_CHANNELS * width))
         self.fc = nn.Sequential(
             Fc6(out_channels(self.to_pool5), fc),
@@ -196,10 +167,6 @@ class FCN(nn.Module):
         nn.init.zeros_(self.score_fr.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_padded(x) if self.input_side is None else self.forward_scaled(x)
-
-    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
-        """The FCN on the maps as they are, padded to a multiple of the stride and cropped back."""
         height, width = x.shape[-2:]
         pool3 = self.to_pool3(pad_to_stride(x))
         pool4 = self.to_pool4(pool3)
@@ -208,28 +175,6 @@ class FCN(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 return self.head(fc7.float(), pool4.float(), pool3.float())[..., :height, :width]
         return self.head(fc7, pool4, pool3)[..., :height, :width]
-
-    def forward_scaled(self, x: torch.Tensor) -> torch.Tensor:
-        """Each wafer drawn input_side pixels across (nearest), wafers larger than that at one pixel a die, so
-        patterns, which are shaped relative to the wafer, look alike on every die count; a fourth channel marks
-        the first pixel row and column of every die, so one die drawn large is not read as a cluster of them.
-        Each die's scores are the mean over its pixels."""
-        n, _, height, width = x.shape
-        boxes = wafer_boxes(x)
-        drawn = []
-        for (top, bottom, left, right), encoded in zip(boxes, x):
-            scale = max(1.0, self.input_side / max(bottom - top, right - left))
-            size = (round((bottom - top) * scale), round((right - left) * scale))
-            image = F.interpolate(encoded[None, :, top:bottom, left:right], size=size, mode="nearest-exact")
-            starts = die_starts(bottom - top, size[0], x.device)[:, None] | die_starts(right - left, size[1], x.device)
-            drawn.append(torch.cat([image, starts[None, None].to(image.dtype)], dim=1))
-        canvas = (max(d.shape[-2] for d in drawn), max(d.shape[-1] for d in drawn))
-        logits = self.forward_padded(torch.cat([pad_off_wafer(d, *canvas) for d in drawn]))
-        out = logits.new_zeros(n, logits.shape[1], height, width)
-        for i, ((top, bottom, left, right), d) in enumerate(zip(boxes, drawn)):
-            scores = logits[i, :, : d.shape[-2], : d.shape[-1]]
-            out[i, :, top:bottom, left:right] = F.adaptive_avg_pool2d(scores, (bottom - top, right - left))
-        return out
 
     def head(self, fc7: torch.Tensor, pool4: torch.Tensor, pool3: torch.Tensor) -> torch.Tensor:
         """Class scores from fc7 and the skips (and the global context), upsampled to the padded input size."""
@@ -278,7 +223,7 @@ def zero_conv(channels: int) -> nn.Conv2d:
 
 def build_model(params: ModelParams) -> FCN:
     model = FCN(params.arch, params.width, params.dropout, params.presence_sharpness, params.batch_norm,
-                params.global_context, params.input_side)
+                params.global_context)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("built %s width=%g: %.1fM parameters", params.arch, params.width, n_params / 1e6)
     return model

@@ -303,9 +303,6 @@ class ModelParams(Section):
     # the plain VGG16 (the paper starts from ImageNet weights, which wafer maps cannot use) needs dozens.
     batch_norm: bool = True
     global_context: bool = True  # a per-wafer class score from fc7 averaged over the map, added to every die's
-    # Each wafer drawn this many pixels across for the encoder (nearest; larger wafers stay one pixel a die),
-    # its dies' scores averaged back (FCN.forward_scaled); null: maps as they are.
-    input_side: int | None = Field(None, ge=32)
 
 
 # --- training (pipeline/train.py) and the registry (pipeline/registry.py) ---------------------

@@ -16,7 +16,6 @@ from pipeline import infer as infer_module
 from pipeline.infer import infer
 from pipeline.model import build_model
 from pipeline.params import Params, parse_params
-from pipeline.predict import predict_wafers
 from pipeline.checkpoint import save_checkpoint
 from pipeline.train import TrainState
 from pipeline.wafer import validate_wafer
@@ -68,29 +67,6 @@ def test_lot_directory_and_tree_of_lots(setup, tmp_path):
     assert mask.dtype == np.uint8 and mask.shape == wafers[0].shape
     assert not mask[wafers[0].map != 2].any()  # passing and off-wafer dies are background
     assert (tmp_path / "all" / "index.html").read_text().count("report.html") >= 4
-
-
-def test_a_model_drawing_wafers_input_side_across_reports_the_masks_it_predicts(setup, tmp_path):
-    """model.input_side on the inference path (BatchNorm folded, channels_last, batches of mixed sizes): the
-    reported masks are the unfolded model's own predictions on >= 99.9 % of dies."""
-    _, _, _, wafers = setup
-    params = parse_params({"model": {"width": 0.0625, "input_side": 48}, "synth": {"wafers_per_lot": 3},
-                           "infer": {"chunk_wafers": 4, "batch_wafers": 4, "amp": False}, "train": {"device": "cpu"}})
-    assert min(max(w.shape) for w in wafers) < 48 < max(max(w.shape) for w in wafers)
-    torch.manual_seed(1)
-    model = build_model(params.model)
-    model.pattern_offsets.fill_(0.02)  # an untrained model's margins are tiny: some dies claimed
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    save_checkpoint(tmp_path / "scaled.pt", model, optimizer, scheduler, TrainState(), params)
-    io.write_npy_lots(wafers, tmp_path / "inbox")
-    summary = _run(params, tmp_path / "inbox", tmp_path / "out", str(tmp_path / "scaled.pt"))
-    assert (summary.read, summary.reported) == (12, 12)
-    expected = predict_wafers(model.eval(), wafers, 4, torch.device("cpu"))
-    reported = [np.load(tmp_path / "out" / w.lot_id / "masks" / f"{w.wafer_id}.npy") for w in wafers]
-    assert sum(int(e.astype(bool).sum()) for e in expected) > 0
-    agree = sum(int((r == e).sum()) for r, e in zip(reported, expected)) / sum(e.size for e in expected)
-    assert agree >= 0.999
 
 
 @pytest.mark.slow
