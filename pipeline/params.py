@@ -280,6 +280,10 @@ class PatternsParams(Section):
     offsets: tuple[float, float, float, float] | None = None  # ring, scratch, local_zone, circle
     offset_grid: tuple[float, float, int] = (-4.0, 4.0, 17)  # calibration: lo, hi, steps per class
     calibration_rounds: int = Field(2, ge=1)
+    # calibration keeps WM-811K val false alarms at or below this (null: no limit), each unit above it costing
+    # false_alarm_penalty of the objective (real_eval.calibration_objective)
+    max_false_alarms: Probability | None = 0.05
+    false_alarm_penalty: float = Field(10.0, ge=0)
 
 
 class PreviewParams(Section):

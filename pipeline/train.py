@@ -349,8 +349,9 @@ def calibrate(model, real_val: RealWafersOf, params: Params, device: torch.devic
     bounds = np.cumsum([0, *[len(real_val[name]) for name in names]])
 
     def objective(patterns: list[str], dominant: list[str]) -> float:
-        return float(np.mean([real_eval.main_score(real_eval.score_set(name, labels[a:b], patterns[a:b], dominant[a:b]))
-                              for name, a, b in zip(names, bounds[:-1], bounds[1:])]))
+        scores = [real_eval.score_set(name, labels[a:b], patterns[a:b], dominant[a:b])
+                  for name, a, b in zip(names, bounds[:-1], bounds[1:])]
+        return real_eval.calibration_objective(scores, pp.max_false_alarms, pp.false_alarm_penalty)
 
     before = objective(*merged.decide(np.zeros(len(DEFECT_CLASSES)), params.infer.min_pattern_dies))
     lo, hi, steps = pp.offset_grid

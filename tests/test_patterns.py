@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import real_eval
 from pipeline.labels import label_classes, normalise_label, patterns_text
 from pipeline.model import presence_logits
 from pipeline.patterns import Evidence, calibrate_offsets, decide_masks, wafer_patterns
@@ -102,6 +103,39 @@ def test_calibration_finds_the_offset_that_separates_the_classes():
     assert best == 1.0
     assert -2.0 <= offsets[0] < -1.0  # evidence 2 and up is a ring, 1 and below is not
     assert offsets[1:].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_calibration_keeps_false_alarms_under_the_cap_rather_than_buy_recall_with_them():
+    # one failing die each, scratch evidence: none wafers 0-6 at -3 and 7-9 at -0.5 (noisy), Scratch wafers
+    # 10-14 at -0.5 (faint) and 15-19 at +2. An offset of 1 finds the faint scratches and alarms on 3 of 10 none.
+    evidence_of_scratch = [-3.0] * 7 + [-0.5] * 3 + [-0.5] * 5 + [2.0] * 5
+    margins = np.full((20, 4, 1, 1), -5.0, np.float32)
+    margins[:, 1, 0, 0] = evidence_of_scratch
+    evidence = Evidence.gather(_logits(margins), torch.full((20, 1, 1), FAIL, dtype=torch.uint8), 4.0)
+    labels = ["none"] * 10 + ["Scratch"] * 10
+
+    def calibrated(max_false_alarms):
+        def objective(patterns, dominant):
+            scores = real_eval.score_set("wm811k", labels, patterns, dominant)
+            return real_eval.calibration_objective([scores], max_false_alarms, penalty=10.0)
+
+        offsets, best = calibrate_offsets(evidence, objective, 1, np.linspace(-4, 4, 17), rounds=2)
+        return offsets, best, real_eval.score_set("wm811k", labels, *evidence.decide(offsets, 1))
+
+    offsets, best, scores = calibrated(None)
+    assert offsets[1] >= 1.0 and best == pytest.approx(0.85)  # recall Scratch 1.0, none 0.7
+    assert scores["false_alarm_rate"] == pytest.approx(0.3)
+    offsets, best, scores = calibrated(0.05)
+    assert offsets[1] < 1.0 and best == pytest.approx(0.75)  # recall Scratch 0.5, none 1.0
+    assert scores["false_alarm_rate"] == 0.0
+
+
+def test_calibration_objective_is_the_mean_main_score_less_the_penalised_excess_of_false_alarms():
+    wm811k = {"kind": "wm811k", "balanced_accuracy": 0.8, "false_alarm_rate": 0.08}
+    mixed = {"kind": "mixed", "exact_match": 0.6}
+    assert real_eval.calibration_objective([wm811k, mixed], None, 10.0) == pytest.approx(0.7)
+    assert real_eval.calibration_objective([wm811k, mixed], 0.05, 10.0) == pytest.approx(0.7 - 10 * 0.03)
+    assert real_eval.calibration_objective([wm811k, mixed], 0.1, 10.0) == pytest.approx(0.7)
 
 
 def test_labels_map_to_the_contract_classes():
