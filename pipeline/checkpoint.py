@@ -60,6 +60,16 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, state, params: Para
             "state": dict(vars(state)), "params": params.model_dump(mode="json"), "resume_key": key}, path)
 
 
+def with_current_offsets(weights: dict, model: torch.nn.Module) -> dict:
+    """`weights` with the decision's offsets in the model's current layout. From before the calibrated
+    decision: every offset 0, the uncalibrated rule. From before claim offsets (4 values): those offsets decide
+    presence and claims alike, as they did then."""
+    weights = dict(weights)
+    offsets = weights.get("pattern_offsets", torch.zeros_like(model.pattern_offsets))
+    weights["pattern_offsets"] = offsets.broadcast_to(model.pattern_offsets.shape).clone()
+    return weights
+
+
 def restore_training(path: Path, model, optimizer, scheduler, key: dict | None = None) -> dict:
     """Load a training checkpoint into model, optimizer and scheduler and return the run's state fields; with
     `key` (this run's resume_key), refuse one trained with other settings or data."""
@@ -69,7 +79,9 @@ def restore_training(path: Path, model, optimizer, scheduler, key: dict | None =
         differ = sorted(k for k in key if theirs.get(k) != key[k]) or ["(no record)"]
         raise ValueError(f"{path}: cannot resume: the checkpoint was trained with other {', '.join(differ)}; "
                          "train without --resume to start over, or restore the settings and data it was made with")
-    model.load_state_dict(checkpoint["model"])
+    model.load_state_dict(with_current_offsets(checkpoint["model"], model))
+    if checkpoint["state"].get("best_weights") is not None:
+        checkpoint["state"]["best_weights"] = with_current_offsets(checkpoint["state"]["best_weights"], model)
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     return checkpoint["state"]
@@ -86,7 +98,5 @@ def model_from(checkpoint: dict, device: torch.device) -> torch.nn.Module:
     eval mode. Checkpoints from before batch_norm, global_context and the calibrated decision still load."""
     model = build_model(ModelParams(**{**LEGACY_MODEL_KEYS, **checkpoint["params"]["model"]}))
     weights = dict(checkpoint["state"].get("best_weights") or checkpoint["model"])
-    # a model from before the calibrated decision: every offset 0, the uncalibrated rule
-    weights.setdefault("pattern_offsets", torch.zeros_like(model.pattern_offsets))
-    model.load_state_dict(weights)
+    model.load_state_dict(with_current_offsets(weights, model))
     return model.to(device).eval()

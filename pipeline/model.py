@@ -125,9 +125,10 @@ class FCN(nn.Module):
             raise ValueError(f"width must be > 0, got {width}")
         self.arch = arch
         self.presence_sharpness = presence_sharpness
-        # Per defect class, added to its score margin over background before the wafer-level decision:
-        # calibrated on real val after training (decide.calibrate), saved with the weights.
-        self.register_buffer("pattern_offsets", torch.zeros(NUM_CLASSES - 1))
+        # Per defect class, added to its score margin over background by the wafer-level decision: row 0 to
+        # decide presence, row 1 to claim dies (pipeline/patterns.py); calibrated on real val after training
+        # (train.calibrate), saved with the weights.
+        self.register_buffer("pattern_offsets", torch.zeros(2, NUM_CLASSES - 1))
         self.to_pool3, self.to_pool4, self.to_pool5 = vgg16_stages(width, batch_norm)
         fc = max(1, round(FC_CHANNELS * width))
         self.fc = nn.Sequential(

@@ -273,17 +273,25 @@ class RealParams(Section):
 
 
 class PatternsParams(Section):
-    """The wafer-level decision (pipeline/patterns.py): per-class offsets on the score margins, calibrated
-    on real val after training and saved with the model; `offsets` here overrides them. A class also needs
-    infer.min_pattern_dies dies in the decided mask to be in a wafer's `patterns`."""
+    """The wafer-level decision (pipeline/patterns.py): per-class offsets on the score margins, one set to
+    decide which classes are present and one for which present class claims each die, calibrated on real val
+    after training and saved with the model; `offsets` (and `claim_offsets`, else the same values) here
+    override them. A class also needs infer.min_pattern_dies dies in the decided mask to be in `patterns`."""
 
     offsets: tuple[float, float, float, float] | None = None  # ring, scratch, local_zone, circle
+    claim_offsets: tuple[float, float, float, float] | None = None
     offset_grid: tuple[float, float, int] = (-4.0, 4.0, 17)  # calibration: lo, hi, steps per class
     calibration_rounds: int = Field(2, ge=1)
     # calibration keeps WM-811K val false alarms at or below this (null: no limit), each unit above it costing
     # false_alarm_penalty of the objective (real_eval.calibration_objective)
     max_false_alarms: Probability | None = 0.05
     false_alarm_penalty: float = Field(10.0, ge=0)
+
+    @model_validator(mode="after")
+    def _claims_need_offsets(self) -> PatternsParams:
+        if self.claim_offsets is not None and self.offsets is None:
+            raise ValueError("claim_offsets needs offsets: either both come from params or both are calibrated")
+        return self
 
 
 class PreviewParams(Section):

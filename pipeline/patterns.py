@@ -1,10 +1,11 @@
 """The wafer-level decision: which defect classes are present on a wafer, and a mask that agrees with it.
 
 The FCN's score maps give, per failing die, each defect class's margin over background. A class is
-present when its pooled margin (model.presence_logits) plus a per-class offset is positive; only present
-classes may claim dies, and a die goes to the present class with the largest positive shifted margin.
-So every class in a wafer's `patterns` has dies in its mask, and `dominant_class` is the one with the
-most. The offsets are calibrated on real val wafers (`calibrate_offsets`) and saved with the model.
+present when its pooled margin (model.presence_logits) plus its presence offset is positive; only present
+classes may claim dies, and a die goes to the present class with the largest positive margin plus claim
+offset. So every class in a wafer's `patterns` has dies in its mask, and `dominant_class` is the one with
+the most. Offsets are (2, 4): row PRESENCE and row CLAIM, one column per defect class (a (4,) vector is
+both rows). They are calibrated on real val wafers (`calibrate_offsets`) and saved with the model.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, FAIL, class_die_counts
 
 log = logging.getLogger(__name__)
 
+PRESENCE, CLAIM = 0, 1  # rows of the offsets
+OFFSETS_SHAPE = (2, len(DEFECT_CLASSES))
+
 
 def decide_masks(logits: torch.Tensor, maps: torch.Tensor, offsets: torch.Tensor, sharpness: float) -> torch.Tensor:
     """uint8 masks (N, H, W) from logits (N, 5, H, W) of padded maps (N, H, W) under the decision rule."""
     fail = maps.to(logits.device) == FAIL
-    shift = offsets.to(logits.device, torch.float32)
-    present = presence_logits(logits, fail, sharpness) + shift > 0  # (N, 4)
-    margins = (logits[:, 1:] - logits[:, :1]).float() + shift[None, :, None, None]
+    shift = offsets.to(logits.device, torch.float32).broadcast_to(OFFSETS_SHAPE)
+    present = presence_logits(logits, fail, sharpness) + shift[PRESENCE] > 0  # (N, 4)
+    margins = (logits[:, 1:] - logits[:, :1]).float() + shift[CLAIM, None, :, None, None]
     margins = margins.masked_fill(~present[:, :, None, None], float("-inf"))
     best, defect = margins.max(dim=1)
     claimed = (best > 0) & fail
@@ -56,7 +60,8 @@ def patterns_of_counts(counts: np.ndarray, min_dies: int) -> tuple[str, str]:
 @dataclass
 class Evidence:
     """What the decision needs of a set of wafers, gathered once: pooled presence (N, 4) and, per failing
-    die, its wafer's position and its four margins over background (D, 4)."""
+    die, its wafer's position (D,) and its four margins over background, one row per class (4, D): the
+    calibration decides thousands of times, and whole rows are what numpy runs fast."""
 
     presence: np.ndarray
     wafer_of_die: np.ndarray
@@ -66,7 +71,7 @@ class Evidence:
     def gather(cls, logits: torch.Tensor, maps: torch.Tensor, sharpness: float) -> Evidence:
         fail = maps.to(logits.device) == FAIL
         presence = presence_logits(logits, fail, sharpness).cpu().numpy()
-        margins = (logits[:, 1:] - logits[:, :1]).float().permute(0, 2, 3, 1)[fail]  # (D, 4)
+        margins = (logits[:, 1:] - logits[:, :1]).float().permute(1, 0, 2, 3)[:, fail]  # (4, D)
         wafer_of_die = torch.nonzero(fail)[:, 0]
         return cls(presence, wafer_of_die.cpu().numpy(), margins.cpu().numpy())
 
@@ -75,7 +80,7 @@ class Evidence:
         starts = np.cumsum([0, *[len(p.presence) for p in parts[:-1]]])
         return cls(np.concatenate([p.presence for p in parts]),
                    np.concatenate([p.wafer_of_die + s for p, s in zip(parts, starts)]),
-                   np.concatenate([p.margins for p in parts]))
+                   np.concatenate([p.margins for p in parts], axis=1))
 
     def reordered(self, order: np.ndarray) -> Evidence:
         """The same evidence with wafer `order[i]` as wafer i."""
@@ -83,22 +88,28 @@ class Evidence:
         new_position[order] = np.arange(len(order))
         wafer_of_die = new_position[self.wafer_of_die]
         by_wafer = np.argsort(wafer_of_die, kind="stable")
-        return Evidence(self.presence[order], wafer_of_die[by_wafer], self.margins[by_wafer])
+        return Evidence(self.presence[order], wafer_of_die[by_wafer], self.margins[:, by_wafer])
 
     def claimable(self, max_offset: float) -> Evidence:
-        """The same decisions for any offsets up to `max_offset`, from fewer dies: a die whose every margin
-        stays negative after the largest offset can never be claimed."""
-        keep = self.margins.max(axis=1) + max_offset > 0
-        return Evidence(self.presence, self.wafer_of_die[keep], self.margins[keep])
+        """The same decisions for any claim offsets up to `max_offset`, from fewer dies: a die whose every
+        margin stays negative after the largest offset can never be claimed."""
+        keep = self.margins.max(axis=0) + max_offset > 0
+        return Evidence(self.presence, self.wafer_of_die[keep], self.margins[:, keep])
 
     def decide(self, offsets: np.ndarray, min_dies: int) -> tuple[list[str], list[str]]:
         """`patterns` and `dominant_class` of every wafer under `offsets`: the same rule as decide_masks."""
         n = len(self.presence)
-        offsets = np.asarray(offsets, dtype=np.float32)
-        present = (self.presence + offsets) > 0
-        margins = np.where(present[self.wafer_of_die], self.margins + offsets, -np.inf)
-        defect = margins.argmax(axis=1)
-        claimed = margins[np.arange(len(defect)), defect] > 0
+        offsets = np.broadcast_to(np.asarray(offsets, dtype=np.float32), OFFSETS_SHAPE)
+        # per wafer and class: the claim offset where the class is present, else -inf (it claims nothing)
+        shift = np.where((self.presence + offsets[PRESENCE]) > 0, offsets[CLAIM], -np.inf).astype(np.float32)
+        best = self.margins[0] + shift[self.wafer_of_die, 0]
+        defect = np.zeros(len(best), dtype=np.int64)
+        for c in range(1, len(DEFECT_CLASSES)):  # ties to the lowest class id, as decide_masks' max does
+            margin = self.margins[c] + shift[self.wafer_of_die, c]
+            better = margin > best
+            best = np.where(better, margin, best)
+            defect[better] = c
+        claimed = best > 0
         counts = np.bincount(self.wafer_of_die[claimed] * 4 + defect[claimed], minlength=n * 4).reshape(n, 4)
         has = counts >= min_dies
         # most dies, ties to the lowest class id: argmax finds the first maximum
@@ -114,21 +125,31 @@ Objective = Callable[[list[str], list[str]], float]
 
 def calibrate_offsets(evidence: Evidence, objective: Objective, min_dies: int, grid: np.ndarray,
                       rounds: int = 3) -> tuple[np.ndarray, float]:
-    """Per-class offsets that maximise `objective(patterns, dominant)` on the evidence: coordinate ascent
-    over `grid`, one class at a time, starting from zero. Returns the offsets and the objective's value."""
-    evidence = evidence.claimable(float(np.max(grid)))
-    offsets = np.zeros(len(DEFECT_CLASSES))
-    best = objective(*evidence.decide(offsets, min_dies))
+    """Offsets (2, 4) that maximise `objective(patterns, dominant)` on the evidence, starting from zero. Per
+    class, a shared offset moves its presence and claims together (a faint pattern needs both) and a claim
+    delta moves its claims alone (which of two present classes takes the dies): coordinate ascent over `grid`
+    for each in turn. Returns the offsets and the objective's value."""
+    evidence = evidence.claimable(2 * float(np.max(grid)))
+    shared, delta = np.zeros(len(DEFECT_CLASSES)), np.zeros(len(DEFECT_CLASSES))
+
+    def offsets_of(shared: np.ndarray, delta: np.ndarray) -> np.ndarray:
+        return np.stack([shared, shared + delta])
+
+    best = objective(*evidence.decide(offsets_of(shared, delta), min_dies))
     for _ in range(rounds):
         improved = False
-        for c in range(len(offsets)):
-            for value in grid:
-                trial = offsets.copy()
-                trial[c] = value
-                score = objective(*evidence.decide(trial, min_dies))
-                if score > best + 1e-9:
-                    best, offsets, improved = score, trial, True
+        for c in range(len(DEFECT_CLASSES)):
+            for moved in (shared, delta):
+                for value in grid:
+                    kept = moved[c]
+                    moved[c] = value
+                    score = objective(*evidence.decide(offsets_of(shared, delta), min_dies))
+                    if score > best + 1e-9:
+                        best, improved = score, True
+                    else:
+                        moved[c] = kept
         if not improved:
             break
+    offsets = offsets_of(shared, delta)
     log.info("calibrated pattern offsets %s: objective %.4f", np.round(offsets, 3).tolist(), best)
     return offsets, best

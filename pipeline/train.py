@@ -28,7 +28,7 @@ from pipeline.evaluate import evaluate_model, evaluate_real
 from pipeline.labels import label_classes
 from pipeline.model import autocast_context, build_model, presence_logits
 from pipeline.params import Params, TrainParams
-from pipeline.patterns import Evidence, calibrate_offsets
+from pipeline.patterns import CLAIM, PRESENCE, Evidence, calibrate_offsets
 from pipeline.predict import IGNORE_INDEX, bucket_batches, evidence_of, model_input, stack_padded
 from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, DIE_COLUMNS, FAIL, NUM_CLASSES, OFF_WAFER, Wafer
 
@@ -338,7 +338,7 @@ def selection_score(synthetic_miou: float, real_scores: dict[str, dict]) -> floa
 
 
 def calibrate(model, real_val: RealWafersOf, params: Params, device: torch.device, amp: bool) -> dict[str, float]:
-    """Fit the per-class offsets of the wafer-level decision on the whole real val, set them on the model
+    """Fit the per-class presence and claim offsets of the wafer-level decision on the whole real val, set them on the model
     (they travel with its weights) and return them with the val objective before and after."""
     pp, tp = params.patterns, params.train
     names = list(real_val)
@@ -358,11 +358,12 @@ def calibrate(model, real_val: RealWafersOf, params: Params, device: torch.devic
     offsets, after = calibrate_offsets(merged, objective, params.infer.min_pattern_dies, np.linspace(lo, hi, int(steps)),
                                        pp.calibration_rounds)
     if pp.offsets is not None:
-        offsets = np.asarray(pp.offsets, dtype=np.float64)
-        log.info("patterns.offsets in params overrides the calibrated offsets: %s", offsets.tolist())
+        offsets = np.asarray([pp.offsets, pp.claim_offsets or pp.offsets], dtype=np.float64)
+        log.info("patterns.offsets in params override the calibrated offsets: %s", offsets.tolist())
     model.pattern_offsets.copy_(torch.as_tensor(offsets, dtype=torch.float32))
     return {"val_objective_uncalibrated": before, "val_objective_calibrated": after,
-            **{f"offset_{CLASS_NAMES[c]}": float(o) for c, o in zip(DEFECT_CLASSES, offsets)}}
+            **{f"offset_{CLASS_NAMES[c]}": float(o) for c, o in zip(DEFECT_CLASSES, offsets[PRESENCE])},
+            **{f"claim_offset_{CLASS_NAMES[c]}": float(o) for c, o in zip(DEFECT_CLASSES, offsets[CLAIM])}}
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> Path:

@@ -7,7 +7,7 @@ import torch
 from pipeline import real_eval
 from pipeline.labels import label_classes, normalise_label, patterns_text
 from pipeline.model import presence_logits
-from pipeline.patterns import Evidence, calibrate_offsets, decide_masks, wafer_patterns
+from pipeline.patterns import CLAIM, PRESENCE, Evidence, calibrate_offsets, decide_masks, wafer_patterns
 from pipeline.wafer import CLASS_NAMES, FAIL, OFF_WAFER
 
 ROUND = np.array([[0, 1, 1, 0],
@@ -66,9 +66,9 @@ def test_decided_masks_carry_exactly_the_present_classes():
     rng = np.random.default_rng(0)
     maps = torch.from_numpy(rng.choice([OFF_WAFER, 1, FAIL], size=(64, 12, 12), p=[0.1, 0.5, 0.4]).astype(np.uint8))
     logits = _logits(rng.normal(-1.0, 2.0, size=(64, 4, 12, 12)))
-    offsets = torch.tensor([0.5, -0.5, 0.0, 1.0])
+    offsets = torch.tensor([[0.5, -0.5, 0.0, 1.0], [1.5, -1.0, 0.5, 0.0]])  # presence, claims
     masks = decide_masks(logits, maps, offsets, sharpness=4.0).numpy()
-    present = (presence_logits(logits, maps == FAIL, 4.0) + offsets > 0).numpy()
+    present = (presence_logits(logits, maps == FAIL, 4.0) + offsets[PRESENCE] > 0).numpy()
     for mask, wafer_map, flags in zip(masks, maps.numpy(), present):
         assert not mask[wafer_map != FAIL].any()  # only failing dies carry a pattern
         carried = {c for c in range(1, 5) if (mask == c).any()}
@@ -77,6 +77,14 @@ def test_decided_masks_carry_exactly_the_present_classes():
         assert patterns == patterns_text(carried)
         assert dominant == "none" if not carried else (mask == CLASS_NAMES.index(dominant)).sum() == max(
             (mask == c).sum() for c in carried)
+    # each failing die goes to the present class with the largest positive margin plus claim offset
+    margins = (logits[:, 1:] - logits[:, :1]).permute(0, 2, 3, 1).numpy() + offsets[CLAIM].numpy()
+    margins = np.where(present[:, None, None, :], margins, -np.inf)
+    expected = np.where((margins.max(-1) > 0) & (maps.numpy() == FAIL), margins.argmax(-1) + 1, 0)
+    np.testing.assert_array_equal(masks, expected)
+    # a vector of four offsets is the same offsets for presence and claims
+    np.testing.assert_array_equal(decide_masks(logits, maps, offsets[PRESENCE], 4.0).numpy(),
+                                  decide_masks(logits, maps, offsets[PRESENCE].expand(2, 4), 4.0).numpy())
     # the calibration's vectorised rule gives the same patterns and dominant classes as the masks
     evidence = Evidence.gather(logits, maps, 4.0)
     patterns, dominant = evidence.decide(offsets.numpy(), 1)
@@ -101,8 +109,9 @@ def test_calibration_finds_the_offset_that_separates_the_classes():
 
     offsets, best = calibrate_offsets(evidence, accuracy, 1, np.linspace(-4, 4, 17), rounds=2)
     assert best == 1.0
-    assert -2.0 <= offsets[0] < -1.0  # evidence 2 and up is a ring, 1 and below is not
-    assert offsets[1:].tolist() == [0.0, 0.0, 0.0]
+    # evidence 2 and up is a ring, 1 and below is not: presence and claims move together
+    assert offsets.shape == (2, 4) and -2.0 <= offsets[PRESENCE, 0] < -1.0
+    assert offsets[CLAIM, 0] == offsets[PRESENCE, 0] and not offsets[:, 1:].any()
 
 
 def test_calibration_keeps_false_alarms_under_the_cap_rather_than_buy_recall_with_them():
@@ -123,10 +132,10 @@ def test_calibration_keeps_false_alarms_under_the_cap_rather_than_buy_recall_wit
         return offsets, best, real_eval.score_set("wm811k", labels, *evidence.decide(offsets, 1))
 
     offsets, best, scores = calibrated(None)
-    assert offsets[1] >= 1.0 and best == pytest.approx(0.85)  # recall Scratch 1.0, none 0.7
+    assert (offsets[:, 1] >= 1.0).all() and best == pytest.approx(0.85)  # recall Scratch 1.0, none 0.7
     assert scores["false_alarm_rate"] == pytest.approx(0.3)
     offsets, best, scores = calibrated(0.05)
-    assert offsets[1] < 1.0 and best == pytest.approx(0.75)  # recall Scratch 0.5, none 1.0
+    assert offsets[PRESENCE, 1] < 1.0 and best == pytest.approx(0.75)  # recall Scratch 0.5, none 1.0
     assert scores["false_alarm_rate"] == 0.0
 
 
@@ -146,3 +155,30 @@ def test_labels_map_to_the_contract_classes():
     assert normalise_label("Scratch+Center") == "Center+Scratch"
     with pytest.raises(ValueError, match="unknown pattern"):
         label_classes("Blob")
+
+
+def test_claim_offsets_let_a_present_class_take_the_dies_without_raising_alarms():
+    # one failing die each. Loc wafers: ring margin 1.0, local_zone 0.5 (both present, the ring takes the die);
+    # none wafers: local_zone -0.8; Edge-Ring wafers: a faint ring 0.4, local_zone -3. Moving local_zone's
+    # presence and claims together by 0.5 ties with the ring, by 1.0 raises alarms on the none wafers; moving the
+    # ring down loses the Edge-Ring wafers. Only local_zone's claims moved alone read all three right.
+    ring_lz = [(1.0, 0.5)] * 4 + [(-3.0, -0.8)] * 4 + [(0.4, -3.0)] * 4
+    margins = np.full((12, 4, 1, 1), -5.0, np.float32)
+    margins[:, 0, 0, 0], margins[:, 2, 0, 0] = zip(*ring_lz)
+    evidence = Evidence.gather(_logits(margins), torch.full((12, 1, 1), FAIL, dtype=torch.uint8), 4.0)
+    labels = ["Loc"] * 4 + ["none"] * 4 + ["Edge-Ring"] * 4
+
+    def balanced_accuracy(patterns, dominant):
+        return real_eval.score_set("wm811k", labels, patterns, dominant)["balanced_accuracy"]
+
+    grid = np.linspace(-4, 4, 17)
+    offsets, best = calibrate_offsets(evidence, balanced_accuracy, 1, grid, rounds=2)
+    assert best == 1.0
+    assert offsets[CLAIM, 2] > offsets[PRESENCE, 2]
+    patterns, dominant = evidence.decide(offsets, 1)
+    assert dominant == ["local_zone"] * 4 + ["none"] * 4 + ["ring"] * 4
+    # one offset per class for presence and claims alike cannot read them all
+    for ring in grid:
+        for local_zone in grid:
+            same = np.array([ring, 0.0, local_zone, 0.0])
+            assert balanced_accuracy(*evidence.decide(same, 1)) < 1.0

@@ -98,8 +98,9 @@ def test_training_lowers_loss_and_logs_an_mlflow_run(trained, monkeypatch):
     reference = torch.load(params.train.model_out, weights_only=True)["model"]
     assert all(torch.equal(weight, reference[name]) for name, weight in loaded.state_dict().items())
     # the calibrated decision travels with the weights
-    offsets = [run.data.metrics[f"offset_{name}"] for name in ("ring", "scratch", "local_zone", "circle")]
-    assert loaded.pattern_offsets.tolist() == pytest.approx(offsets)
+    names = ("ring", "scratch", "local_zone", "circle")
+    offsets = [[run.data.metrics[f"{row}offset_{name}"] for name in names] for row in ("", "claim_")]
+    assert loaded.pattern_offsets.tolist() == [pytest.approx(row) for row in offsets]
 
 
 def test_warm_start_loads_the_champions_weights_when_the_architecture_matches(trained, monkeypatch):
@@ -325,10 +326,21 @@ def test_a_checkpoint_from_before_batch_norm_and_the_decision_still_loads(tmp_pa
     model_keys = {"arch": "fcn8s", "width": 0.0625, "dropout": 0.5}
     checkpoint = {"model": weights, "state": {}, "params": {"model": model_keys}}
     loaded = model_from(checkpoint, torch.device("cpu"))
-    assert loaded.score_global is None and loaded.pattern_offsets.tolist() == [0.0] * 4
+    assert loaded.score_global is None and loaded.pattern_offsets.tolist() == [[0.0] * 4] * 2
     maps = torch.randint(0, 3, (2, 40, 40))
     old.eval()
     torch.testing.assert_close(loaded(encode_maps(maps)), old(encode_maps(maps)))
+
+
+def test_a_checkpoint_from_before_claim_offsets_decides_as_it_did():
+    """Versions calibrated before claim offsets carry four offsets, which decided presence and claims alike."""
+    torch.manual_seed(0)
+    model = FCN("fcn8s", 0.0625, 0.1, batch_norm=True, global_context=True)
+    weights = dict(model.state_dict())
+    weights["pattern_offsets"] = torch.tensor([0.5, 1.5, 1.0, -0.5])
+    model_keys = {"arch": "fcn8s", "width": 0.0625, "dropout": 0.1, "batch_norm": True, "global_context": True}
+    loaded = model_from({"model": weights, "state": {}, "params": {"model": model_keys}}, torch.device("cpu"))
+    assert loaded.pattern_offsets.tolist() == [[0.5, 1.5, 1.0, -0.5]] * 2
 
 
 def test_a_relative_sqlite_store_is_the_one_of_the_directory_it_is_used_from(tmp_path, monkeypatch):
