@@ -282,6 +282,9 @@ class PatternsParams(Section):
     claim_offsets: tuple[float, float, float, float] | None = None
     offset_grid: tuple[float, float, int] = (-4.0, 4.0, 17)  # calibration: lo, hi, steps per class
     calibration_rounds: int = Field(2, ge=1)
+    # true: also a claim delta per class (which present class takes the dies); false: one offset for both.
+    # Off: the deltas it found cost synthetic mIoU (benchmarks/results/decision-rule.md)
+    calibrate_claims: bool = False
     # calibration keeps WM-811K val false alarms at or below this (null: no limit), each unit above it costing
     # false_alarm_penalty of the objective (real_eval.calibration_objective)
     max_false_alarms: Probability | None = 0.05

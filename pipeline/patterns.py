@@ -124,11 +124,12 @@ Objective = Callable[[list[str], list[str]], float]
 
 
 def calibrate_offsets(evidence: Evidence, objective: Objective, min_dies: int, grid: np.ndarray,
-                      rounds: int = 3) -> tuple[np.ndarray, float]:
+                      rounds: int = 3, claim_deltas: bool = True) -> tuple[np.ndarray, float]:
     """Offsets (2, 4) that maximise `objective(patterns, dominant)` on the evidence, starting from zero. Per
     class, a shared offset moves its presence and claims together (a faint pattern needs both) and a claim
     delta moves its claims alone (which of two present classes takes the dies): coordinate ascent over `grid`
-    for each in turn. Returns the offsets and the objective's value."""
+    for each in turn (without `claim_deltas`, the shared offsets alone). Returns the offsets and the
+    objective's value."""
     evidence = evidence.claimable(2 * float(np.max(grid)))
     shared, delta = np.zeros(len(DEFECT_CLASSES)), np.zeros(len(DEFECT_CLASSES))
 
@@ -139,7 +140,7 @@ def calibrate_offsets(evidence: Evidence, objective: Objective, min_dies: int, g
     for _ in range(rounds):
         improved = False
         for c in range(len(DEFECT_CLASSES)):
-            for moved in (shared, delta):
+            for moved in (shared, delta) if claim_deltas else (shared,):
                 for value in grid:
                     kept = moved[c]
                     moved[c] = value

@@ -338,8 +338,8 @@ def selection_score(synthetic_miou: float, real_scores: dict[str, dict]) -> floa
 
 
 def calibrate(model, real_val: RealWafersOf, params: Params, device: torch.device, amp: bool) -> dict[str, float]:
-    """Fit the per-class presence and claim offsets of the wafer-level decision on the whole real val, set them on the model
-    (they travel with its weights) and return them with the val objective before and after."""
+    """Fit the per-class presence and claim offsets of the wafer-level decision on the whole real val, set
+    them on the model (they travel with its weights) and return them with the val objective before and after."""
     pp, tp = params.patterns, params.train
     names = list(real_val)
     evidence = [evidence_of(model, real_val[name], params.infer.batch_wafers, device, amp, tp.channels_last)
@@ -356,7 +356,7 @@ def calibrate(model, real_val: RealWafersOf, params: Params, device: torch.devic
     before = objective(*merged.decide(np.zeros(len(DEFECT_CLASSES)), params.infer.min_pattern_dies))
     lo, hi, steps = pp.offset_grid
     offsets, after = calibrate_offsets(merged, objective, params.infer.min_pattern_dies, np.linspace(lo, hi, int(steps)),
-                                       pp.calibration_rounds)
+                                       pp.calibration_rounds, pp.calibrate_claims)
     if pp.offsets is not None:
         offsets = np.asarray([pp.offsets, pp.claim_offsets or pp.offsets], dtype=np.float64)
         log.info("patterns.offsets in params override the calibrated offsets: %s", offsets.tolist())

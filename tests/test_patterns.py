@@ -177,7 +177,10 @@ def test_claim_offsets_let_a_present_class_take_the_dies_without_raising_alarms(
     assert offsets[CLAIM, 2] > offsets[PRESENCE, 2]
     patterns, dominant = evidence.decide(offsets, 1)
     assert dominant == ["local_zone"] * 4 + ["none"] * 4 + ["ring"] * 4
-    # one offset per class for presence and claims alike cannot read them all
+    # without claim deltas the calibration keeps the two rows equal, and cannot read them all
+    offsets, best = calibrate_offsets(evidence, balanced_accuracy, 1, grid, rounds=2, claim_deltas=False)
+    assert (offsets[CLAIM] == offsets[PRESENCE]).all() and best < 1.0
+    # nor can any one offset per class for presence and claims alike
     for ring in grid:
         for local_zone in grid:
             same = np.array([ring, 0.0, local_zone, 0.0])

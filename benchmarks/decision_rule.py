@@ -1,0 +1,87 @@
+"""The wafer-level decision's calibration compared on one model's weights: one offset per class for presence and
+claims alike (`patterns.calibrate_claims: false`, the default) against a shared offset and a claim delta per class
+(`true`). Each is calibrated on all of real val by the product's `train.calibrate` and scored on real val and test
+by `evaluate.evaluate_real`, and on the synthetic test set by `evaluate.evaluate_model` (the masks the reports
+get); no training. Needs the synthetic dataset (`waferseg generate && waferseg split`).
+
+    .venv/bin/python benchmarks/decision_rule.py --model pretrained/fcn8s-cpu-full.pt
+
+Writes benchmarks/results/decision-rule.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import checkpoint, real_eval
+from pipeline.device import cpu_name
+from pipeline.dataset import WaferDataset
+from pipeline.evaluate import evaluate_model, evaluate_real
+from pipeline.params import load_params
+from pipeline.realdata import load_real_sets
+from pipeline.train import calibrate
+
+RESULTS = Path(__file__).parent / "results"
+RULES = {"uncalibrated (every offset 0)": None, "one offset per class": False, "shared offset + claim delta": True}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, required=True, help="a weights file (checkpoint.save_model)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    device = torch.device("cpu")
+    params = load_params()
+    real = load_real_sets(params.real)
+    model = checkpoint.model_from(checkpoint.read(args.model, args.model), device)
+    synthetic_test = [w for w in WaferDataset(params.dataset.dir).wafers("test") if w.mask is not None]
+    rows = []
+    for rule, claims in RULES.items():
+        ruled = params.model_copy(update={"patterns": params.patterns.model_copy(update={"calibrate_claims": bool(claims)})})
+        started = time.perf_counter()
+        if claims is None:
+            model.pattern_offsets.zero_()
+            calibration = {}
+        else:
+            calibration = calibrate(model, {name: sets["val"] for name, sets in real.items()}, ruled, device, amp=False)
+        seconds = time.perf_counter() - started
+        scores = {split: {name: real_eval.headline(s) for name, s in
+                          evaluate_real(model, {n: r[split] for n, r in real.items()}, ruled, device).items()}
+                  for split in ("val", "test")}
+        _, synthetic = evaluate_model(model, synthetic_test, params.infer.batch_wafers, device)
+        rows.append({"rule": rule, "calibration_seconds": round(seconds, 1), "offsets": model.pattern_offsets.tolist(),
+                     "calibration": calibration, "scores": scores, "synthetic_test_miou": synthetic["miou"],
+                     "synthetic_test_iou": synthetic["iou"]})
+    record = {"model": str(args.model), "host": cpu_name(), "threads": args.threads, "rules": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "decision-rule.json").write_text(json.dumps(record, indent=2, default=float))
+    (RESULTS / "decision-rule.md").write_text(table_md(record))
+    print(table_md(record))
+
+
+def table_md(record: dict) -> str:
+    lines = [f"Model `{record['model']}`, host {record['host']}, {record['threads']} threads.", "",
+             "| rule | offsets (presence / claims: ring, scratch, local_zone, circle) | split | WM-811K bal. acc. "
+             "| false alarms | lowest recall | MixedWM38 exact | synthetic test mIoU |",
+             "|---|---|---|---:|---:|---|---:|---:|"]
+    for row in record["rules"]:
+        presence, claims = row["offsets"]
+        for split, scores in row["scores"].items():
+            wm, mixed = scores["wm811k"], scores["mixedwm38"]
+            label, recall = min(wm["recall"].items(), key=lambda item: item[1])
+            lines.append(f"| {row['rule']} | {presence} / {claims} | {split} | {wm['balanced_accuracy']:.4f} "
+                         f"| {wm['false_alarm_rate']:.4f} | {label} {recall:.3f} | {mixed['exact_match']:.4f} "
+                         f"| {row['synthetic_test_miou']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
