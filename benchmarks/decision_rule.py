@@ -1,8 +1,10 @@
-"""The wafer-level decision's calibration compared on one model's weights: one offset per class for presence and
-claims alike (`patterns.calibrate_claims: false`, the default) against a shared offset and a claim delta per class
-(`true`). Each is calibrated on all of real val by the product's `train.calibrate` and scored on real val and test
-by `evaluate.evaluate_real`, and on the synthetic test set by `evaluate.evaluate_model` (the masks the reports
-get); no training. Needs the synthetic dataset (`waferseg generate && waferseg split`).
+"""The wafer-level decision's calibration compared on one model's weights: every offset 0; one offset per class
+for presence and claims alike, fitted to the real val scores alone (the rule before 2026-12-06) or with the
+synthetic val mIoU averaged in (`patterns.calibrate_masks`); and a shared offset with a claim delta per class
+(`patterns.calibrate_claims`), without and with the masks. Each is calibrated by the product's `train.calibrate`
+on all of real val (and the synthetic val split) and scored on real val and test by `evaluate.evaluate_real` and
+on the synthetic test split by `evaluate.evaluate_model` (the masks the reports get); no training. Needs the
+synthetic dataset (`waferseg generate && waferseg split`).
 
     .venv/bin/python benchmarks/decision_rule.py --model pretrained/fcn8s-cpu-full.pt
 
@@ -28,7 +30,13 @@ from pipeline.realdata import load_real_sets
 from pipeline.train import calibrate
 
 RESULTS = Path(__file__).parent / "results"
-RULES = {"uncalibrated (every offset 0)": None, "one offset per class": False, "shared offset + claim delta": True}
+RULES = {  # name: (calibrate_claims, calibrate_masks), or None for every offset 0
+    "uncalibrated (every offset 0)": None,
+    "one offset per class, real val": (False, False),
+    "one offset per class, real val + synthetic mIoU": (False, True),
+    "shared offset + claim delta, real val": (True, False),
+    "shared offset + claim delta, real val + synthetic mIoU": (True, True),
+}
 
 
 def main() -> None:
@@ -42,16 +50,20 @@ def main() -> None:
     params = load_params()
     real = load_real_sets(params.real)
     model = checkpoint.model_from(checkpoint.read(args.model, args.model), device)
-    synthetic_test = [w for w in WaferDataset(params.dataset.dir).wafers("test") if w.mask is not None]
+    dataset = WaferDataset(params.dataset.dir)
+    synthetic_val, synthetic_test = ([w for w in dataset.wafers(split) if w.mask is not None] for split in ("val", "test"))
     rows = []
-    for rule, claims in RULES.items():
-        ruled = params.model_copy(update={"patterns": params.patterns.model_copy(update={"calibrate_claims": bool(claims)})})
+    for rule, switches in RULES.items():
+        claims, masks = switches or (False, False)
+        update = {"calibrate_claims": claims, "calibrate_masks": masks}
+        ruled = params.model_copy(update={"patterns": params.patterns.model_copy(update=update)})
         started = time.perf_counter()
-        if claims is None:
+        if switches is None:
             model.pattern_offsets.zero_()
             calibration = {}
         else:
-            calibration = calibrate(model, {name: sets["val"] for name, sets in real.items()}, ruled, device, amp=False)
+            calibration = calibrate(model, {name: sets["val"] for name, sets in real.items()}, ruled, device, amp=False,
+                                    synthetic_val=synthetic_val)
         seconds = time.perf_counter() - started
         scores = {split: {name: real_eval.headline(s) for name, s in
                           evaluate_real(model, {n: r[split] for n, r in real.items()}, ruled, device).items()}

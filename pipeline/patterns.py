@@ -19,7 +19,7 @@ import torch
 
 from pipeline.labels import NONE, patterns_text
 from pipeline.model import presence_logits
-from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, FAIL, class_die_counts
+from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, FAIL, NUM_CLASSES, OFF_WAFER, Wafer, class_die_counts
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,8 @@ class Evidence:
         keep = self.margins.max(axis=0) + max_offset > 0
         return Evidence(self.presence, self.wafer_of_die[keep], self.margins[:, keep])
 
-    def decide(self, offsets: np.ndarray, min_dies: int) -> tuple[list[str], list[str]]:
-        """`patterns` and `dominant_class` of every wafer under `offsets`: the same rule as decide_masks."""
-        n = len(self.presence)
+    def claims(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per die under `offsets`, the same rule as decide_masks: (defect class index 0-3, whether claimed)."""
         offsets = np.broadcast_to(np.asarray(offsets, dtype=np.float32), OFFSETS_SHAPE)
         # per wafer and class: the claim offset where the class is present, else -inf (it claims nothing)
         shift = np.where((self.presence + offsets[PRESENCE]) > 0, offsets[CLAIM], -np.inf).astype(np.float32)
@@ -109,7 +108,12 @@ class Evidence:
             better = margin > best
             best = np.where(better, margin, best)
             defect[better] = c
-        claimed = best > 0
+        return defect, best > 0
+
+    def decide(self, offsets: np.ndarray, min_dies: int) -> tuple[list[str], list[str]]:
+        """`patterns` and `dominant_class` of every wafer under `offsets`: the same rule as decide_masks."""
+        n = len(self.presence)
+        defect, claimed = self.claims(offsets)
         counts = np.bincount(self.wafer_of_die[claimed] * 4 + defect[claimed], minlength=n * 4).reshape(n, 4)
         has = counts >= min_dies
         # most dies, ties to the lowest class id: argmax finds the first maximum
@@ -120,23 +124,70 @@ class Evidence:
 
 
 PATTERN_TEXTS = [patterns_text(c + 1 for c in range(4) if code >> c & 1) for code in range(16)]
-Objective = Callable[[list[str], list[str]], float]
+
+
+@dataclass
+class MaskEvidence:
+    """Wafers with true masks (synthetic val) as the calibration sees them: the Evidence of their failing dies,
+    each of those dies' true class (D,), and the confusion (true, predicted) of the on-wafer dies no offset
+    changes: passing dies (and dies no offset lets any class claim), always predicted background."""
+
+    evidence: Evidence
+    truth: np.ndarray
+    fixed: np.ndarray
+
+    @classmethod
+    def gather(cls, evidence: Evidence, wafers: Sequence[Wafer]) -> MaskEvidence:
+        """`evidence` must be of `wafers`, in their order (predict.evidence_of): its dies are each wafer's
+        failing dies in row-major order, as `mask[map == FAIL]` lists them."""
+        truth = np.concatenate([w.mask[w.map == FAIL] for w in wafers]).astype(np.int64)
+        if len(truth) != evidence.margins.shape[1]:
+            raise ValueError(f"{len(truth)} failing dies in the wafers but {evidence.margins.shape[1]} in the evidence")
+        passing = np.concatenate([w.mask[(w.map != FAIL) & (w.map != OFF_WAFER)] for w in wafers]).astype(np.int64)
+        fixed = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
+        fixed[:, 0] = np.bincount(passing, minlength=NUM_CLASSES)
+        return cls(evidence, truth, fixed)
+
+    def claimable(self, max_offset: float) -> MaskEvidence:
+        """As Evidence.claimable; the dies left out count as predicted background."""
+        keep = self.evidence.margins.max(axis=0) + max_offset > 0
+        fixed = self.fixed.copy()
+        fixed[:, 0] += np.bincount(self.truth[~keep], minlength=NUM_CLASSES)
+        evidence = Evidence(self.evidence.presence, self.evidence.wafer_of_die[keep], self.evidence.margins[:, keep])
+        return MaskEvidence(evidence, self.truth[keep], fixed)
+
+    def confusion(self, offsets: np.ndarray) -> np.ndarray:
+        """Die counts (NUM_CLASSES, NUM_CLASSES) by (true, predicted class) under `offsets`."""
+        defect, claimed = self.evidence.claims(offsets)
+        predicted = np.where(claimed, defect + 1, 0)
+        counts = np.bincount(self.truth * NUM_CLASSES + predicted, minlength=NUM_CLASSES ** 2)
+        return self.fixed + counts.reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+# objective(patterns, dominant, confusion of the mask evidence or None) -> the value the offsets maximise
+Objective = Callable[[list[str], list[str], np.ndarray | None], float]
 
 
 def calibrate_offsets(evidence: Evidence, objective: Objective, min_dies: int, grid: np.ndarray,
-                      rounds: int = 3, claim_deltas: bool = True) -> tuple[np.ndarray, float]:
+                      rounds: int = 3, claim_deltas: bool = True, masks: MaskEvidence | None = None
+                      ) -> tuple[np.ndarray, float]:
     """Offsets (2, 4) that maximise `objective(patterns, dominant)` on the evidence, starting from zero. Per
     class, a shared offset moves its presence and claims together (a faint pattern needs both) and a claim
     delta moves its claims alone (which of two present classes takes the dies): coordinate ascent over `grid`
-    for each in turn (without `claim_deltas`, the shared offsets alone). Returns the offsets and the
-    objective's value."""
-    evidence = evidence.claimable(2 * float(np.max(grid)))
+    for each in turn (without `claim_deltas`, the shared offsets alone). With `masks`, the objective also
+    gets their confusion under each trial. Returns the offsets and the objective's value."""
+    max_claim = 2 * float(np.max(grid))
+    evidence = evidence.claimable(max_claim)
+    masks = masks.claimable(max_claim) if masks is not None else None
     shared, delta = np.zeros(len(DEFECT_CLASSES)), np.zeros(len(DEFECT_CLASSES))
 
     def offsets_of(shared: np.ndarray, delta: np.ndarray) -> np.ndarray:
         return np.stack([shared, shared + delta])
 
-    best = objective(*evidence.decide(offsets_of(shared, delta), min_dies))
+    def score_of(offsets: np.ndarray) -> float:
+        return objective(*evidence.decide(offsets, min_dies), masks.confusion(offsets) if masks is not None else None)
+
+    best = score_of(offsets_of(shared, delta))
     for _ in range(rounds):
         improved = False
         for c in range(len(DEFECT_CLASSES)):
@@ -144,7 +195,7 @@ def calibrate_offsets(evidence: Evidence, objective: Objective, min_dies: int, g
                 for value in grid:
                     kept = moved[c]
                     moved[c] = value
-                    score = objective(*evidence.decide(offsets_of(shared, delta), min_dies))
+                    score = score_of(offsets_of(shared, delta))
                     if score > best + 1e-9:
                         best, improved = score, True
                     else:

@@ -272,11 +272,14 @@ def main_score(scores: dict) -> float:
     return float(scores[MAIN_SCORE[scores["kind"]]])
 
 
-def calibration_objective(scores: Sequence[dict], max_false_alarms: float | None, penalty: float) -> float:
-    """What the decision's offsets are fitted to: the real sets' mean main score, less `penalty` per unit of
-    false alarms above `max_false_alarms` in a set that counts them (WM-811K). Balanced accuracy alone lets
-    a quarter of the none wafers raise alarms for a point of recall elsewhere; a yield engineer would not."""
-    value = float(np.mean([main_score(s) for s in scores]))
+def calibration_objective(scores: Sequence[dict], max_false_alarms: float | None, penalty: float,
+                          synthetic_miou: float | None = None) -> float:
+    """What the decision's offsets are fitted to: the mean of the real sets' main scores (and of the synthetic
+    val mIoU, when given: the selection score's parts), less `penalty` per unit of false alarms above
+    `max_false_alarms` in a set that counts them (WM-811K). Balanced accuracy alone lets a quarter of the none
+    wafers raise alarms for a point of recall elsewhere; a yield engineer would not."""
+    parts = [main_score(s) for s in scores] + ([] if synthetic_miou is None else [synthetic_miou])
+    value = float(np.mean(parts))
     if max_false_alarms is None:
         return value
     excess = sum(max(0.0, s["false_alarm_rate"] - max_false_alarms) for s in scores

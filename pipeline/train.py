@@ -24,11 +24,11 @@ from pipeline import checkpoint, distributed, real_eval, realdata
 from pipeline.dataset import INDEX_FILE as DATASET_INDEX
 from pipeline.dataset import WaferDataset
 from pipeline.device import select_device, use_amp
-from pipeline.evaluate import evaluate_model, evaluate_real
+from pipeline.evaluate import compute_metrics, evaluate_model, evaluate_real
 from pipeline.labels import label_classes
 from pipeline.model import autocast_context, build_model, presence_logits
 from pipeline.params import Params, TrainParams
-from pipeline.patterns import CLAIM, PRESENCE, Evidence, calibrate_offsets
+from pipeline.patterns import CLAIM, PRESENCE, Evidence, MaskEvidence, calibrate_offsets
 from pipeline.predict import IGNORE_INDEX, bucket_batches, evidence_of, model_input, stack_padded
 from pipeline.wafer import CLASS_NAMES, DEFECT_CLASSES, DIE_COLUMNS, FAIL, NUM_CLASSES, OFF_WAFER, Wafer
 
@@ -304,7 +304,8 @@ def fit(
         model.load_state_dict(state.best_weights)
     calibration = {}
     if real:
-        calibration = calibrate(model, {name: splits["val"] for name, splits in real.items()}, params, device, amp)
+        calibration = calibrate(model, {name: splits["val"] for name, splits in real.items()}, params, device, amp,
+                                val_wafers)
     return TrainResult(model, state, device, amp, stopped_early, calibration)
 
 
@@ -337,26 +338,33 @@ def selection_score(synthetic_miou: float, real_scores: dict[str, dict]) -> floa
     return float(np.mean(parts))
 
 
-def calibrate(model, real_val: RealWafersOf, params: Params, device: torch.device, amp: bool) -> dict[str, float]:
-    """Fit the per-class presence and claim offsets of the wafer-level decision on the whole real val, set
-    them on the model (they travel with its weights) and return them with the val objective before and after."""
+def calibrate(model, real_val: RealWafersOf, params: Params, device: torch.device, amp: bool,
+              synthetic_val: Sequence[Wafer] = ()) -> dict[str, float]:
+    """Fit the per-class presence and claim offsets of the wafer-level decision on the whole real val (and,
+    with patterns.calibrate_masks, the masks of `synthetic_val`), set them on the model (they travel with its
+    weights) and return them with the val objective before and after."""
     pp, tp = params.patterns, params.train
     names = list(real_val)
-    evidence = [evidence_of(model, real_val[name], params.infer.batch_wafers, device, amp, tp.channels_last)
-                for name in names]
-    merged = Evidence.concatenate(evidence)
+
+    def evidence(wafers: Sequence[Wafer]) -> Evidence:
+        return evidence_of(model, wafers, params.infer.batch_wafers, device, amp, tp.channels_last)
+
+    merged = Evidence.concatenate([evidence(real_val[name]) for name in names])
+    masks = MaskEvidence.gather(evidence(synthetic_val), synthetic_val) if pp.calibrate_masks and synthetic_val else None
     labels = [w.label for name in names for w in real_val[name]]
     bounds = np.cumsum([0, *[len(real_val[name]) for name in names]])
 
-    def objective(patterns: list[str], dominant: list[str]) -> float:
+    def objective(patterns: list[str], dominant: list[str], confusion: np.ndarray | None) -> float:
         scores = [real_eval.score_set(name, labels[a:b], patterns[a:b], dominant[a:b])
                   for name, a, b in zip(names, bounds[:-1], bounds[1:])]
-        return real_eval.calibration_objective(scores, pp.max_false_alarms, pp.false_alarm_penalty)
+        miou = compute_metrics(confusion)["miou"] if confusion is not None else None
+        return real_eval.calibration_objective(scores, pp.max_false_alarms, pp.false_alarm_penalty, miou)
 
-    before = objective(*merged.decide(np.zeros(len(DEFECT_CLASSES)), params.infer.min_pattern_dies))
+    zero = np.zeros(len(DEFECT_CLASSES))
+    before = objective(*merged.decide(zero, params.infer.min_pattern_dies), masks.confusion(zero) if masks else None)
     lo, hi, steps = pp.offset_grid
     offsets, after = calibrate_offsets(merged, objective, params.infer.min_pattern_dies, np.linspace(lo, hi, int(steps)),
-                                       pp.calibration_rounds, pp.calibrate_claims)
+                                       pp.calibration_rounds, pp.calibrate_claims, masks)
     if pp.offsets is not None:
         offsets = np.asarray([pp.offsets, pp.claim_offsets or pp.offsets], dtype=np.float64)
         log.info("patterns.offsets in params override the calibrated offsets: %s", offsets.tolist())

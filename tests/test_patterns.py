@@ -7,8 +7,9 @@ import torch
 from pipeline import real_eval
 from pipeline.labels import label_classes, normalise_label, patterns_text
 from pipeline.model import presence_logits
-from pipeline.patterns import CLAIM, PRESENCE, Evidence, calibrate_offsets, decide_masks, wafer_patterns
-from pipeline.wafer import CLASS_NAMES, FAIL, OFF_WAFER
+from pipeline.evaluate import compute_metrics, evaluate_predictions
+from pipeline.patterns import CLAIM, PRESENCE, Evidence, MaskEvidence, calibrate_offsets, decide_masks, wafer_patterns
+from pipeline.wafer import CLASS_NAMES, FAIL, OFF_WAFER, Wafer
 
 ROUND = np.array([[0, 1, 1, 0],
                   [1, 1, 1, 1],
@@ -104,7 +105,8 @@ def test_calibration_finds_the_offset_that_separates_the_classes():
     evidence = Evidence.gather(_logits(margins), maps, 4.0)
     truth = ["ring" if i >= 12 else "none" for i in range(n)]
 
-    def accuracy(patterns, dominant):
+    def accuracy(patterns, dominant, confusion):
+        assert confusion is None  # no mask evidence given
         return float(np.mean([p == t for p, t in zip(patterns, truth)]))
 
     offsets, best = calibrate_offsets(evidence, accuracy, 1, np.linspace(-4, 4, 17), rounds=2)
@@ -124,7 +126,7 @@ def test_calibration_keeps_false_alarms_under_the_cap_rather_than_buy_recall_wit
     labels = ["none"] * 10 + ["Scratch"] * 10
 
     def calibrated(max_false_alarms):
-        def objective(patterns, dominant):
+        def objective(patterns, dominant, confusion):
             scores = real_eval.score_set("wm811k", labels, patterns, dominant)
             return real_eval.calibration_objective([scores], max_false_alarms, penalty=10.0)
 
@@ -145,6 +147,8 @@ def test_calibration_objective_is_the_mean_main_score_less_the_penalised_excess_
     assert real_eval.calibration_objective([wm811k, mixed], None, 10.0) == pytest.approx(0.7)
     assert real_eval.calibration_objective([wm811k, mixed], 0.05, 10.0) == pytest.approx(0.7 - 10 * 0.03)
     assert real_eval.calibration_objective([wm811k, mixed], 0.1, 10.0) == pytest.approx(0.7)
+    # with the synthetic val mIoU: the mean of the three, as the selection score
+    assert real_eval.calibration_objective([wm811k, mixed], 0.05, 10.0, synthetic_miou=0.4) == pytest.approx(0.6 - 0.3)
 
 
 def test_labels_map_to_the_contract_classes():
@@ -168,7 +172,7 @@ def test_claim_offsets_let_a_present_class_take_the_dies_without_raising_alarms(
     evidence = Evidence.gather(_logits(margins), torch.full((12, 1, 1), FAIL, dtype=torch.uint8), 4.0)
     labels = ["Loc"] * 4 + ["none"] * 4 + ["Edge-Ring"] * 4
 
-    def balanced_accuracy(patterns, dominant):
+    def balanced_accuracy(patterns, dominant, confusion=None):
         return real_eval.score_set("wm811k", labels, patterns, dominant)["balanced_accuracy"]
 
     grid = np.linspace(-4, 4, 17)
@@ -185,3 +189,76 @@ def test_claim_offsets_let_a_present_class_take_the_dies_without_raising_alarms(
         for local_zone in grid:
             same = np.array([ring, 0.0, local_zone, 0.0])
             assert balanced_accuracy(*evidence.decide(same, 1)) < 1.0
+
+
+def _synthetic_wafers(n: int, rng: np.random.Generator) -> list[Wafer]:
+    """Wafers of mixed sizes with random masks on their on-wafer dies."""
+    wafers = []
+    for i in range(n):
+        height, width = rng.integers(5, 14, size=2)
+        wafer_map = rng.choice([OFF_WAFER, 1, FAIL], size=(height, width), p=[0.1, 0.5, 0.4]).astype(np.uint8)
+        mask = np.where(wafer_map == OFF_WAFER, 0, rng.integers(0, 5, size=(height, width))).astype(np.uint8)
+        wafers.append(Wafer(lot_id="L", wafer_id=f"w{i}", map=wafer_map, mask=mask))
+    return wafers
+
+
+def test_mask_evidence_counts_the_dies_as_the_decided_masks_do():
+    rng = np.random.default_rng(3)
+    wafers = _synthetic_wafers(12, rng)
+    side = 16
+    maps = torch.full((12, side, side), OFF_WAFER, dtype=torch.uint8)
+    for i, wafer in enumerate(wafers):
+        maps[i, :wafer.shape[0], :wafer.shape[1]] = torch.from_numpy(wafer.map)
+    logits = _logits(rng.normal(-1.0, 2.0, size=(12, 4, side, side)))
+    masks = MaskEvidence.gather(Evidence.gather(logits, maps, 4.0), wafers)
+    for offsets in (np.zeros(4), np.array([[0.5, -0.5, 1.0, 0.0], [1.5, -1.0, 0.5, 2.0]])):
+        decided = decide_masks(logits, maps, torch.as_tensor(offsets, dtype=torch.float32), 4.0).numpy()
+        predictions = [decided[i, :w.shape[0], :w.shape[1]] for i, w in enumerate(wafers)]
+        expected, _ = evaluate_predictions(wafers, predictions)
+        np.testing.assert_array_equal(masks.confusion(offsets), expected.matrix)
+        # leaving out the dies no offset up to 2.5 can claim changes nothing
+        np.testing.assert_array_equal(masks.claimable(2.5).confusion(offsets), expected.matrix)
+    with pytest.raises(ValueError, match="failing dies in the wafers but"):
+        MaskEvidence.gather(Evidence.gather(logits[:11], maps[:11], 4.0), wafers)
+
+
+def test_calibration_with_masks_fits_the_offsets_to_their_confusion_too():
+    # one failing die each, truly scratch; its scratch margin is -0.7 on wafers 0-9: only an offset of 1 or more
+    # draws it. The wafers carry no real labels: the objective is the mIoU of the masks alone.
+    wafers = [Wafer(lot_id="L", wafer_id=f"w{i}", map=np.array([[FAIL, 1]], np.uint8),
+                    mask=np.array([[2, 0]], np.uint8)) for i in range(10)]
+    maps = torch.from_numpy(np.stack([w.map for w in wafers]))
+    margins = np.full((10, 4, 1, 2), -5.0, np.float32)
+    margins[:, 1] = -0.7
+    evidence = Evidence.gather(_logits(margins), maps, 4.0)
+    masks = MaskEvidence.gather(evidence, wafers)
+    seen = []
+
+    def miou(patterns, dominant, confusion):
+        seen.append(confusion.sum())
+        return compute_metrics(confusion)["miou"]
+
+    offsets, best = calibrate_offsets(evidence, miou, 1, np.linspace(-2, 2, 9), rounds=2, masks=masks)
+    assert best == 1.0 and offsets[PRESENCE, 1] >= 1.0 and offsets[CLAIM, 1] >= 1.0
+    assert set(seen) == {20}  # every trial counted all 20 on-wafer dies
+
+
+def test_mask_evidence_of_a_model_matches_its_evaluation_across_padded_batches():
+    """evidence_of batches wafers by padded size and puts them back in order: the dies must line up with
+    each wafer's true mask, so the calibration's confusion is the one evaluate_model reports."""
+    from pipeline.evaluate import evaluate_model
+    from pipeline.model import FCN
+    from pipeline.predict import evidence_of
+
+    torch.manual_seed(0)
+    model = FCN("fcn8s", 0.0625, 0.1, batch_norm=True, global_context=True).eval()
+    model.pattern_offsets.copy_(torch.tensor([[2.0, 1.0, 2.5, 1.5], [2.5, 0.5, 2.0, 3.0]]))
+    rng = np.random.default_rng(5)
+    wafers = _synthetic_wafers(7, rng) + [
+        Wafer(lot_id="L", wafer_id=f"big{i}", map=(w := rng.choice([1, FAIL], size=(40, 35)).astype(np.uint8)),
+              mask=rng.integers(0, 5, size=w.shape).astype(np.uint8)) for i in range(3)]
+    wafers = [wafers[i] for i in rng.permutation(len(wafers))]  # sizes interleaved: several padded buckets
+    masks = MaskEvidence.gather(evidence_of(model, wafers, 4, torch.device("cpu")), wafers)
+    confusion, _ = evaluate_model(model, wafers, 4, torch.device("cpu"))
+    assert confusion.matrix[:, 1:].sum() > 0  # some dies claimed: the order matters
+    np.testing.assert_array_equal(masks.confusion(model.pattern_offsets.numpy()), confusion.matrix)
