@@ -171,12 +171,13 @@ Objective = Callable[[list[str], list[str], np.ndarray | None], float]
 def calibrate_offsets(evidence: Evidence, objective: Objective, min_dies: int, grid: np.ndarray,
                       rounds: int = 3, claim_deltas: bool = True, masks: MaskEvidence | None = None
                       ) -> tuple[np.ndarray, float]:
-    """Offsets (2, 4) that maximise `objective(patterns, dominant)` on the evidence, starting from zero. Per
-    class, a shared offset moves its presence and claims together (a faint pattern needs both) and a claim
-    delta moves its claims alone (which of two present classes takes the dies): coordinate ascent over `grid`
-    for each in turn (without `claim_deltas`, the shared offsets alone). With `masks`, the objective also
-    gets their confusion under each trial. Returns the offsets and the objective's value."""
-    max_claim = 2 * float(np.max(grid))
+    """Offsets (2, 4) that maximise `objective(patterns, dominant, confusion)` on the evidence, starting from
+    zero; `confusion` is that of `masks` under the trial (None without them). Per class, a shared offset moves
+    its presence and claims together (a faint pattern needs both) and a claim delta moves its claims alone
+    (which of two present classes takes the dies): coordinate ascent over `grid` for each in turn (without
+    `claim_deltas`, the shared offsets alone). Returns the offsets and the objective's value."""
+    # the largest claim offset a trial can have (the start is zero): dies that stay below it are never claimed
+    max_claim = max(0.0, (2 if claim_deltas else 1) * float(np.max(grid)))
     evidence = evidence.claimable(max_claim)
     masks = masks.claimable(max_claim) if masks is not None else None
     shared, delta = np.zeros(len(DEFECT_CLASSES)), np.zeros(len(DEFECT_CLASSES))
