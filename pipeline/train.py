@@ -360,14 +360,20 @@ def calibrate(model, real_val: RealWafersOf, params: Params, device: torch.devic
         miou = compute_metrics(confusion)["miou"] if confusion is not None else None
         return real_eval.calibration_objective(scores, pp.max_false_alarms, pp.false_alarm_penalty, miou)
 
-    zero = np.zeros(len(DEFECT_CLASSES))
-    before = objective(*merged.decide(zero, params.infer.min_pattern_dies), masks.confusion(zero) if masks else None)
-    lo, hi, steps = pp.offset_grid
-    offsets, after = calibrate_offsets(merged, objective, params.infer.min_pattern_dies, np.linspace(lo, hi, int(steps)),
-                                       pp.calibration_rounds, pp.calibrate_claims, masks)
+    def value_at(offsets: np.ndarray) -> float:
+        return objective(*merged.decide(offsets, params.infer.min_pattern_dies),
+                         masks.confusion(offsets) if masks is not None else None)
+
+    before = value_at(np.zeros(len(DEFECT_CLASSES)))
     if pp.offsets is not None:
         offsets = np.asarray([pp.offsets, pp.claim_offsets or pp.offsets], dtype=np.float64)
-        log.info("patterns.offsets in params override the calibrated offsets: %s", offsets.tolist())
+        after = value_at(offsets)
+        log.info("patterns.offsets in params, not calibrated: %s (val objective %.4f)", offsets.tolist(), after)
+    else:
+        lo, hi, steps = pp.offset_grid
+        offsets, after = calibrate_offsets(merged, objective, params.infer.min_pattern_dies,
+                                           np.linspace(lo, hi, int(steps)), pp.calibration_rounds, pp.calibrate_claims,
+                                           masks)
     model.pattern_offsets.copy_(torch.as_tensor(offsets, dtype=torch.float32))
     return {"val_objective_uncalibrated": before, "val_objective_calibrated": after,
             **{f"offset_{CLASS_NAMES[c]}": float(o) for c, o in zip(DEFECT_CLASSES, offsets[PRESENCE])},

@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline import registry, stages, synth
+from pipeline import realdata, registry, stages, synth
 from pipeline import train as train_module
 from pipeline.checkpoint import model_from
 from pipeline.dataset import WaferDataset, write_dataset
@@ -359,3 +359,22 @@ def test_a_relative_sqlite_store_is_the_one_of_the_directory_it_is_used_from(tmp
     assert registry.tracking_uri(server) == "http://127.0.0.1:5000"
     registry.configure(absolute)  # MLflow itself would leave it in the environment for the next workspace
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_offsets_given_in_params_are_used_as_they_are_and_scored_not_calibrated(tiny, monkeypatch):
+    root, params = tiny
+    real = realdata.load_real_sets(params.real)
+    model = build_model(params.model).eval()
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated although params give the offsets")
+
+    monkeypatch.setattr(train_module, "calibrate_offsets", no_calibration)
+    given = params.model_copy(update={"patterns": params.patterns.model_copy(
+        update={"offsets": (0.0, 0.0, 0.0, 0.0), "claim_offsets": (0.5, -1.0, 1.5, 2.0)})})
+    result = train_module.calibrate(model, {n: s["val"] for n, s in real.items()}, given, torch.device("cpu"), False)
+    assert model.pattern_offsets.tolist() == [[0.0] * 4, [0.5, -1.0, 1.5, 2.0]]
+    assert result["claim_offset_circle"] == 2.0 and result["offset_ring"] == 0.0
+    zeros = params.model_copy(update={"patterns": params.patterns.model_copy(update={"offsets": (0.0,) * 4})})
+    result = train_module.calibrate(model, {n: s["val"] for n, s in real.items()}, zeros, torch.device("cpu"), False)
+    assert result["val_objective_calibrated"] == result["val_objective_uncalibrated"]  # the objective at 0
