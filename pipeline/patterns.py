@@ -90,10 +90,14 @@ class Evidence:
         by_wafer = np.argsort(wafer_of_die, kind="stable")
         return Evidence(self.presence[order], wafer_of_die[by_wafer], self.margins[:, by_wafer])
 
+    def claimable_dies(self, max_offset: float) -> np.ndarray:
+        """(D,) whether a die can be claimed under claim offsets up to `max_offset`: a die whose every margin
+        stays negative after the largest offset never is."""
+        return self.margins.max(axis=0) + max_offset > 0
+
     def claimable(self, max_offset: float) -> Evidence:
-        """The same decisions for any claim offsets up to `max_offset`, from fewer dies: a die whose every
-        margin stays negative after the largest offset can never be claimed."""
-        keep = self.margins.max(axis=0) + max_offset > 0
+        """The same decisions for any claim offsets up to `max_offset`, from fewer dies (claimable_dies)."""
+        keep = self.claimable_dies(max_offset)
         return Evidence(self.presence, self.wafer_of_die[keep], self.margins[:, keep])
 
     def claims(self, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -150,11 +154,10 @@ class MaskEvidence:
 
     def claimable(self, max_offset: float) -> MaskEvidence:
         """As Evidence.claimable; the dies left out count as predicted background."""
-        keep = self.evidence.margins.max(axis=0) + max_offset > 0
+        keep = self.evidence.claimable_dies(max_offset)
         fixed = self.fixed.copy()
         fixed[:, 0] += np.bincount(self.truth[~keep], minlength=NUM_CLASSES)
-        evidence = Evidence(self.evidence.presence, self.evidence.wafer_of_die[keep], self.evidence.margins[:, keep])
-        return MaskEvidence(evidence, self.truth[keep], fixed)
+        return MaskEvidence(self.evidence.claimable(max_offset), self.truth[keep], fixed)
 
     def confusion(self, offsets: np.ndarray) -> np.ndarray:
         """Die counts (NUM_CLASSES, NUM_CLASSES) by (true, predicted class) under `offsets`."""
